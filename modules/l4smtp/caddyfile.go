@@ -1,0 +1,141 @@
+package l4smtp
+
+import (
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
+	"strconv"
+)
+
+// UnmarshalCaddyfile sets up the Handler from Caddyfile tokens. Syntax:
+//
+//	smtp <hostname> [<hostname>...] {
+//		implicit_tls
+//		greeting <text>
+//		connection_policy {
+//			...
+//		}
+//		timeouts {
+//			command   <duration>
+//			handshake <duration>
+//			backend   <duration>
+//			idle      <duration>
+//		}
+//		max_errors <n>
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume the directive name
+
+	h.Hostnames = d.RemainingArgs()
+	if len(h.Hostnames) == 0 {
+		return d.Err("smtp needs at least one hostname, e.g. 'smtp mail.example.com'")
+	}
+
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if seen[option] && option != "connection_policy" {
+			return d.Errf("duplicate smtp option '%s'", option)
+		}
+		seen[option] = true
+
+		switch option {
+		case "implicit_tls":
+			if d.NextArg() {
+				return d.Errf("smtp option 'implicit_tls' takes no arguments")
+			}
+			h.ImplicitTLS = true
+
+		case "greeting":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			h.Greeting = d.Val()
+			if d.NextArg() {
+				return d.Errf("smtp option 'greeting' takes one argument; quote text that has spaces")
+			}
+
+		case "connection_policy":
+			cp := new(caddytls.ConnectionPolicy)
+			if err := cp.UnmarshalCaddyfile(d.NewFromNextSegment()); err != nil {
+				return err
+			}
+			h.ConnectionPolicies = append(h.ConnectionPolicies, cp)
+			continue // the segment, block included, is consumed
+
+		case "timeouts":
+			if d.NextArg() {
+				return d.Errf("smtp option 'timeouts' takes a block, not arguments")
+			}
+			if err := h.Timeouts.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+			continue
+
+		case "max_errors":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			n, err := strconv.Atoi(d.Val())
+			if err != nil || n < 1 {
+				return d.Errf("smtp option 'max_errors' needs a whole number of at least 1, got '%s'", d.Val())
+			}
+			h.MaxErrors = n
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+
+		default:
+			return d.Errf("unknown smtp option '%s'", option)
+		}
+
+		if d.NextBlock(nesting + 1) {
+			return d.Errf("smtp option '%s' does not take a block", option)
+		}
+	}
+	return nil
+}
+
+func (t *Timeouts) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		var field *caddy.Duration
+		switch name {
+		case "command":
+			field = &t.Command
+		case "handshake":
+			field = &t.Handshake
+		case "backend":
+			field = &t.Backend
+		case "idle":
+			field = &t.Idle
+		default:
+			return d.Errf("unknown smtp timeout '%s' (want command, handshake, backend or idle)", name)
+		}
+		if seen[name] {
+			return d.Errf("duplicate smtp timeout '%s'", name)
+		}
+		seen[name] = true
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		dur, err := caddy.ParseDuration(d.Val())
+		if err != nil {
+			return d.Errf("smtp timeout '%s': bad duration '%s': %v", name, d.Val(), err)
+		}
+		if dur <= 0 {
+			return d.Errf("smtp timeout '%s' must be positive, got '%s'", name, d.Val())
+		}
+		*field = caddy.Duration(dur)
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

@@ -1,0 +1,279 @@
+package l4smtp
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+)
+
+// maxCommandLine is RFC 5321's limit for a command line, CRLF included.
+const maxCommandLine = 512
+
+// finalReplyTimeout bounds the write of a reply that precedes a close, which
+// may come after the command deadline has already passed.
+const finalReplyTimeout = 5 * time.Second
+
+// tlsHandshakeRecord is the first byte of every TLS ClientHello.
+const tlsHandshakeRecord = 0x16
+
+// replies are the fixed replies of the plaintext dialogue, built once per
+// handler because the hostname is part of several of them.
+type replies struct {
+	ehlo, helo         []byte
+	timeout, tooMany   []byte
+	protocolError      []byte
+	backendUnavailable []byte
+	backendGone        []byte
+	idleTimeout        []byte
+}
+
+func newReplies(host string) replies {
+	return replies{
+		ehlo:               []byte("250-" + host + "\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n"),
+		helo:               []byte("250 " + host + "\r\n"),
+		timeout:            []byte("421 4.4.2 " + host + " Error: timeout exceeded\r\n"),
+		tooMany:            []byte("421 4.7.0 " + host + " Error: too many errors\r\n"),
+		protocolError:      []byte("421 4.5.0 " + host + " Protocol error, closing connection\r\n"),
+		backendUnavailable: []byte("421 4.4.1 " + host + " Service not available, closing transmission channel\r\n"),
+		backendGone:        []byte("421 4.4.2 " + host + " Connection to the mail server lost, closing transmission channel\r\n"),
+		idleTimeout:        []byte("421 4.4.2 " + host + " Error: timeout exceeded\r\n"),
+	}
+}
+
+var (
+	replyOK            = []byte("250 2.0.0 OK\r\n")
+	replyBye           = []byte("221 2.0.0 Bye\r\n")
+	replyReady         = []byte("220 2.0.0 Ready to start TLS\r\n")
+	replyNeedTLS       = []byte("530 5.7.0 Must issue a STARTTLS command first\r\n")
+	replyUnknown       = []byte("500 5.5.2 Error: command not recognized\r\n")
+	replyTooLong       = []byte("500 5.5.6 Error: line too long\r\n")
+	replyNoParams      = []byte("501 5.5.4 Syntax error, no parameters allowed\r\n")
+	replyEHLOSyntax    = []byte("501 5.5.4 Syntax: EHLO hostname\r\n")
+	replyHELOSyntax    = []byte("501 5.5.4 Syntax: HELO hostname\r\n")
+	commandsNeedingTLS = [][]byte{
+		[]byte("MAIL"), []byte("RCPT"), []byte("DATA"), []byte("BDAT"),
+		[]byte("AUTH"), []byte("VRFY"), []byte("EXPN"), []byte("ETRN"),
+	}
+)
+
+// plaintextDialogue speaks SMTP with the client until it asks for STARTTLS.
+// It returns the connection to run the TLS handshake on, or nil when the
+// session is over (QUIT, timeout, too many errors, an injection attempt, or
+// the client went away).
+func (h *Handler) plaintextDialogue(cx *layer4.Connection) netConn {
+	s := dialogue{h: h, cx: cx, in: newLineReader(cx)}
+	return s.run()
+}
+
+type dialogue struct {
+	h      *Handler
+	cx     *layer4.Connection
+	in     *lineReader
+	errors int
+}
+
+func (s *dialogue) run() netConn {
+	h := s.h
+	if !s.reply(h.greeting) {
+		return nil
+	}
+	for {
+		_ = s.cx.SetDeadline(time.Now().Add(h.command))
+		line, tooLong, err := s.in.readLine()
+		if err != nil {
+			s.readFailed(err)
+			return nil
+		}
+		verb, args := splitCommand(line)
+
+		var reply []byte
+		switch {
+		case tooLong:
+			reply = replyTooLong
+		case bytes.EqualFold(verb, []byte("EHLO")):
+			reply = h.replies.ehlo
+			if len(args) == 0 {
+				reply = replyEHLOSyntax
+			}
+		case bytes.EqualFold(verb, []byte("HELO")):
+			reply = h.replies.helo
+			if len(args) == 0 {
+				reply = replyHELOSyntax
+			}
+		case bytes.EqualFold(verb, []byte("NOOP")):
+			reply = replyOK
+		case bytes.EqualFold(verb, []byte("RSET")):
+			reply = replyOK
+			if len(args) > 0 {
+				reply = replyNoParams
+			}
+		case bytes.EqualFold(verb, []byte("QUIT")):
+			s.reply(replyBye)
+			return nil
+		case bytes.EqualFold(verb, []byte("STARTTLS")):
+			if len(args) > 0 {
+				reply = replyNoParams
+				break
+			}
+			return s.startTLS()
+		case needsTLS(verb):
+			reply = replyNeedTLS
+		default:
+			reply = replyUnknown
+		}
+
+		if !s.reply(reply) {
+			return nil
+		}
+		if reply[0] == '5' {
+			s.errors++
+			if s.errors >= h.maxErrors {
+				h.logger.Warn("too many SMTP errors before TLS; closing",
+					zap.String("remote", s.cx.RemoteAddr().String()),
+					zap.Int("errors", s.errors))
+				s.finalReply(h.replies.tooMany)
+				return nil
+			}
+		}
+	}
+}
+
+// startTLS answers a valid STARTTLS command. Whatever the client sent after
+// the STARTTLS line and before its handshake is an injection attempt: those
+// bytes must never be read as commands after TLS, so the session ends without
+// TLS. The first byte after the 220 must open a TLS handshake record; it is
+// handed to the handshake ahead of the rest of the connection.
+func (s *dialogue) startTLS() netConn {
+	if s.in.buffered() > 0 || len(s.cx.MatchingBytes()) > 0 {
+		s.injection("command pipelined after STARTTLS")
+		s.finalReply(s.h.replies.protocolError)
+		return nil
+	}
+	if !s.reply(replyReady) {
+		return nil
+	}
+	_ = s.cx.SetDeadline(time.Now().Add(s.h.handshake))
+	var first [1]byte
+	if _, err := io.ReadFull(s.cx, first[:]); err != nil {
+		s.h.logger.Debug("no TLS handshake after STARTTLS",
+			zap.String("remote", s.cx.RemoteAddr().String()),
+			zap.Error(err))
+		return nil
+	}
+	if first[0] != tlsHandshakeRecord {
+		// the client is past the 220 and owes a handshake: no reply
+		s.injection("plaintext after STARTTLS instead of a TLS handshake")
+		return nil
+	}
+	return &prefixedConn{netConn: s.cx, prefix: first[:]}
+}
+
+func (s *dialogue) injection(what string) {
+	s.h.logger.Warn("STARTTLS command injection attempt; closing without TLS",
+		zap.String("remote", s.cx.RemoteAddr().String()),
+		zap.String("detail", what))
+}
+
+// readFailed ends the dialogue after a failed read: a timeout gets its 421,
+// anything else (the client went away) just ends.
+func (s *dialogue) readFailed(err error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		s.h.logger.Debug("command timeout before TLS",
+			zap.String("remote", s.cx.RemoteAddr().String()))
+		s.finalReply(s.h.replies.timeout)
+		return
+	}
+	if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		s.h.logger.Debug("reading command before TLS",
+			zap.String("remote", s.cx.RemoteAddr().String()),
+			zap.Error(err))
+	}
+}
+
+func (s *dialogue) reply(b []byte) bool {
+	if _, err := s.cx.Write(b); err != nil {
+		s.h.logger.Debug("writing reply before TLS",
+			zap.String("remote", s.cx.RemoteAddr().String()),
+			zap.Error(err))
+		return false
+	}
+	return true
+}
+
+// finalReply writes the reply that precedes a server-initiated close.
+func (s *dialogue) finalReply(b []byte) {
+	_ = s.cx.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
+	s.reply(b)
+}
+
+// splitCommand splits a command line into its verb and the arguments after
+// the first space.
+func splitCommand(line []byte) (verb, args []byte) {
+	verb, args, _ = bytes.Cut(line, []byte(" "))
+	return verb, bytes.TrimSpace(args)
+}
+
+func needsTLS(verb []byte) bool {
+	for _, c := range commandsNeedingTLS {
+		if bytes.EqualFold(verb, c) {
+			return true
+		}
+	}
+	return false
+}
+
+// lineReader reads command lines from the client with a fixed buffer. It is
+// used only before TLS, and the dialogue checks that it holds nothing when
+// TLS starts, so no plaintext byte can cross into the encrypted session.
+type lineReader struct {
+	rd   io.Reader
+	buf  []byte
+	r, w int
+}
+
+func newLineReader(rd io.Reader) *lineReader {
+	return &lineReader{rd: rd, buf: make([]byte, 2*maxCommandLine)}
+}
+
+// buffered reports how many bytes were read from the client but not yet
+// returned as lines.
+func (lr *lineReader) buffered() int { return lr.w - lr.r }
+
+// readLine returns the next line without its line ending (CRLF, or a bare
+// LF, which clients in the wild send). A line longer than RFC 5321 allows is
+// read and discarded to its end, and reported with tooLong set. The returned
+// slice is valid until the next call.
+func (lr *lineReader) readLine() (line []byte, tooLong bool, err error) {
+	for {
+		if i := bytes.IndexByte(lr.buf[lr.r:lr.w], '\n'); i >= 0 {
+			line = lr.buf[lr.r : lr.r+i]
+			lr.r += i + 1
+			line = bytes.TrimSuffix(line, []byte("\r"))
+			if tooLong || len(line)+2 > maxCommandLine {
+				return nil, true, nil
+			}
+			return line, false, nil
+		}
+		if lr.w-lr.r >= maxCommandLine {
+			// no line end within the limit: drop what we have and
+			// keep reading until the line ends
+			tooLong = true
+			lr.r, lr.w = 0, 0
+		}
+		if lr.r > 0 {
+			lr.w = copy(lr.buf, lr.buf[lr.r:lr.w])
+			lr.r = 0
+		}
+		n, err := lr.rd.Read(lr.buf[lr.w:])
+		lr.w += n
+		if err != nil && n == 0 {
+			return nil, false, err
+		}
+	}
+}

@@ -1,0 +1,300 @@
+// Package l4smtp is the SMTP edge for the Caddy layer4 app: the
+// layer4.handlers.smtp handler, which terminates TLS for an SMTP listener
+// (implicit TLS or STARTTLS) with certificates from Caddy's TLS app and hands
+// the decrypted session to the next handler, normally caddy-l4's proxy.
+package l4smtp
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(&Handler{})
+}
+
+// Handler puts an SMTP listener behind Caddy's TLS: it terminates TLS for a
+// mail port with certificates that Caddy obtains and renews, and hands the
+// decrypted session to the next handler (normally caddy-l4's proxy to the
+// backend MTA).
+//
+// With implicit_tls (port 465, RFC 8314) the TLS handshake comes first and the
+// backend's greeting is the first thing the client reads, inside TLS.
+//
+// Without it (ports 587 and 2525) the handler speaks the plaintext part of the
+// dialogue itself and never contacts the backend before TLS: it greets,
+// answers EHLO with ENHANCEDSTATUSCODES and STARTTLS only (never AUTH),
+// answers HELO, NOOP, RSET and QUIT, refuses mail commands with 530, and on
+// STARTTLS (RFC 3207) replies 220 and performs the handshake. A client that
+// sends anything after its STARTTLS line before the handshake (the STARTTLS
+// command injection attack, CVE-2011-0411) is disconnected without TLS, and
+// nothing it sent before TLS ever reaches the backend. After the handshake the
+// backend's own greeting is swallowed, since the client was already greeted and
+// now sends EHLO.
+//
+// In both modes the session after TLS is relayed byte for byte, except that
+// STARTTLS, XCLIENT and XFORWARD are removed from the backend's EHLO replies,
+// so that the client sees the backend's real capabilities (PIPELINING,
+// CHUNKING, SMTPUTF8, AUTH, ...) and nothing it must not use. A backend that
+// cannot be reached or does not greet in time gets the client a 421.
+//
+// Every hostname gets a certificate from Caddy's TLS app, with the Caddyfile's
+// global TLS options; internal names (localhost, *.localhost, *.internal, IP
+// addresses) get one from Caddy's local CA.
+//
+// Caddyfile, inside the layer4 global option; routes with an smtp handler must
+// have no byte-reading matchers in front, because SMTP clients wait for the
+// server to speak first:
+//
+//	{
+//		layer4 {
+//			:465 {
+//				route {
+//					smtp mail.example.com {
+//						implicit_tls
+//					}
+//					proxy 127.0.0.1:10025
+//				}
+//			}
+//			:587 :2525 {
+//				route {
+//					smtp mail.example.com
+//					proxy 127.0.0.1:10025
+//				}
+//			}
+//		}
+//	}
+type Handler struct {
+	// The names this edge answers for. The first is the name in the greeting
+	// and the EHLO reply, and the certificate that clients which send no SNI
+	// get. Caddy obtains and renews a certificate for each one. Required.
+	Hostnames []string `json:"hostnames,omitempty"`
+
+	// Start TLS with the first byte (port 465, "submissions"), instead of the
+	// plaintext dialogue that leads to STARTTLS. Default: false.
+	ImplicitTLS bool `json:"implicit_tls,omitempty"`
+
+	// The text after "220 <first hostname> " in the greeting before STARTTLS.
+	// Default: "ESMTP".
+	Greeting string `json:"greeting,omitempty"`
+
+	// The TLS connection policies, as in caddy-l4's tls handler. Default: one
+	// policy with TLS 1.2 as the minimum, no ALPN (mail ports never offer
+	// h2 or http/1.1; an explicit alpn list is used as given), and default_sni
+	// set to the first hostname so clients that send no SNI still get its
+	// certificate.
+	ConnectionPolicies caddytls.ConnectionPolicies `json:"connection_policies,omitempty"`
+
+	// How long to wait for each step. Every field has its default when unset.
+	Timeouts Timeouts `json:"timeouts,omitzero"`
+
+	// How many protocol errors (unknown or refused commands, syntax errors,
+	// over-long lines) a client may make before TLS, until it gets 421 and is
+	// disconnected. Default: 5.
+	MaxErrors int `json:"max_errors,omitempty"`
+
+	hostname  string // the first of Hostnames, after placeholders
+	greeting  []byte
+	replies   replies
+	command   time.Duration
+	handshake time.Duration
+	backend   time.Duration
+	idle      time.Duration
+	maxErrors int
+	baseTLS   *tls.Config
+
+	ctx    caddy.Context
+	logger *zap.Logger
+}
+
+// Timeouts are the timeouts of an SMTP session at the edge.
+type Timeouts struct {
+	// Before TLS: how long to wait for each line from the client (and for
+	// the client to take each reply). Default: 1m.
+	Command caddy.Duration `json:"command,omitempty"`
+
+	// How long the TLS handshake may take. Default: 10s.
+	Handshake caddy.Duration `json:"handshake,omitempty"`
+
+	// After TLS: how long to wait for the backend to be dialled and to send
+	// its greeting. Default: 30s.
+	Backend caddy.Duration `json:"backend,omitempty"`
+
+	// After TLS: how long the session may go without a byte in either
+	// direction before it is closed. RFC 5321 asks servers to wait up to 10
+	// minutes for the reply to the end of a message. Default: 10m.
+	Idle caddy.Duration `json:"idle,omitempty"`
+}
+
+const (
+	defaultGreeting  = "ESMTP"
+	defaultCommand   = time.Minute
+	defaultHandshake = 10 * time.Second
+	defaultBackend   = 30 * time.Second
+	defaultIdle      = 10 * time.Minute
+	defaultMaxErrors = 5
+)
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.smtp",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets up the handler and registers its hostnames for certificates.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.ctx = ctx
+	h.logger = ctx.Logger()
+	names, err := h.setup()
+	if err != nil {
+		return err
+	}
+	if err := h.provisionTLS(); err != nil {
+		return err
+	}
+	return registerHostnames(ctx, names)
+}
+
+// setup checks the configuration and fills in the defaults. It returns the
+// hostnames, cleaned up, for certificate management.
+func (h *Handler) setup() ([]string, error) {
+	repl := caddy.NewReplacer()
+	if len(h.Hostnames) == 0 {
+		return nil, errors.New("smtp: at least one hostname is required")
+	}
+	names := make([]string, 0, len(h.Hostnames))
+	for _, raw := range h.Hostnames {
+		name := strings.ToLower(strings.TrimSuffix(repl.ReplaceKnown(raw, ""), "."))
+		if err := checkHostname(name); err != nil {
+			return nil, fmt.Errorf("smtp: hostname %q: %w", raw, err)
+		}
+		names = append(names, name)
+	}
+	h.hostname = names[0]
+
+	greeting := defaultGreeting
+	if h.Greeting != "" {
+		greeting = repl.ReplaceKnown(h.Greeting, "")
+	}
+	if strings.ContainsAny(greeting, "\r\n\x00") {
+		return nil, errors.New("smtp: greeting must be a single line of text")
+	}
+	h.greeting = []byte("220 " + h.hostname + " " + greeting + "\r\n")
+	h.replies = newReplies(h.hostname)
+
+	for what, d := range map[string]caddy.Duration{
+		"command": h.Timeouts.Command, "handshake": h.Timeouts.Handshake,
+		"backend": h.Timeouts.Backend, "idle": h.Timeouts.Idle,
+	} {
+		if d < 0 {
+			return nil, fmt.Errorf("smtp: timeouts: %s must not be negative, got %s", what, time.Duration(d))
+		}
+	}
+	h.command = durationOr(h.Timeouts.Command, defaultCommand)
+	h.handshake = durationOr(h.Timeouts.Handshake, defaultHandshake)
+	h.backend = durationOr(h.Timeouts.Backend, defaultBackend)
+	h.idle = durationOr(h.Timeouts.Idle, defaultIdle)
+
+	switch {
+	case h.MaxErrors < 0:
+		return nil, fmt.Errorf("smtp: max_errors must not be negative, got %d", h.MaxErrors)
+	case h.MaxErrors == 0:
+		h.maxErrors = defaultMaxErrors
+	default:
+		h.maxErrors = h.MaxErrors
+	}
+	return names, nil
+}
+
+// Handle runs the SMTP edge on one client connection.
+func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
+	if h.ImplicitTLS {
+		tlsConn := h.startTLS(cx, cx)
+		if tlsConn == nil {
+			return nil
+		}
+		return h.relay(cx, tlsConn, next, false)
+	}
+
+	handshakeConn := h.plaintextDialogue(cx)
+	if handshakeConn == nil {
+		return nil
+	}
+	tlsConn := h.startTLS(cx, handshakeConn)
+	if tlsConn == nil {
+		return nil
+	}
+	return h.relay(cx, tlsConn, next, true)
+}
+
+// startTLS performs the server handshake over conn (cx itself, or cx behind
+// the first byte of the ClientHello that the STARTTLS dialogue read), within the
+// handshake timeout. It records the negotiated state the way caddy-l4's tls
+// handler does, so that later handlers and matchers can read it. It returns
+// nil when the handshake failed; the connection is then closed by the caller's
+// caller, and never used in plaintext.
+func (h *Handler) startTLS(cx *layer4.Connection, conn netConn) *tls.Conn {
+	cfg, hello := h.tlsConfig()
+	tlsConn := tls.Server(conn, cfg)
+	_ = cx.SetDeadline(time.Now().Add(h.handshake))
+	err := tlsConn.Handshake()
+	_ = cx.SetDeadline(time.Time{})
+	if err != nil {
+		h.logger.Debug("TLS handshake failed",
+			zap.String("remote", cx.RemoteAddr().String()),
+			zap.Bool("implicit_tls", h.ImplicitTLS),
+			zap.Error(err))
+		return nil
+	}
+	state := tlsConn.ConnectionState()
+	recordTLS(cx, hello, &state)
+	h.logger.Debug("terminated TLS",
+		zap.String("remote", cx.RemoteAddr().String()),
+		zap.String("server_name", state.ServerName),
+		zap.String("tls_version", tls.VersionName(state.Version)),
+		zap.String("cipher_suite", tls.CipherSuiteName(state.CipherSuite)),
+		zap.Bool("implicit_tls", h.ImplicitTLS))
+	return tlsConn
+}
+
+func durationOr(d caddy.Duration, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return time.Duration(d)
+}
+
+// checkHostname accepts what can stand in an SMTP greeting and in a
+// certificate: a domain name or an IP address, without wildcards.
+func checkHostname(name string) error {
+	if name == "" {
+		return errors.New("empty hostname")
+	}
+	if strings.Contains(name, "*") {
+		return errors.New("wildcards cannot be greeted with; name the host itself")
+	}
+	for _, r := range name {
+		ok := r == '.' || r == '-' || r == ':' || r == '_' ||
+			(r >= 'a' && r <= 'z') || (r >= '0' && r <= '9')
+		if !ok {
+			return fmt.Errorf("invalid character %q (write internationalised names in their xn-- form)", r)
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner  = (*Handler)(nil)
+	_ layer4.NextHandler = (*Handler)(nil)
+)

@@ -1,0 +1,66 @@
+package l4smtp
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func TestSetupDefaults(t *testing.T) {
+	h := &Handler{Hostnames: []string{"Mail.Example.com."}}
+	names, err := h.setup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(names) != 1 || names[0] != "mail.example.com" || h.hostname != "mail.example.com" {
+		t.Errorf("names %q, hostname %q", names, h.hostname)
+	}
+	if string(h.greeting) != "220 mail.example.com ESMTP\r\n" {
+		t.Errorf("greeting %q", h.greeting)
+	}
+	if h.command != time.Minute || h.handshake != 10*time.Second || h.backend != 30*time.Second || h.idle != 10*time.Minute {
+		t.Errorf("timeouts %v %v %v %v", h.command, h.handshake, h.backend, h.idle)
+	}
+	if h.maxErrors != 5 {
+		t.Errorf("max errors %d", h.maxErrors)
+	}
+}
+
+func TestSetupPlaceholders(t *testing.T) {
+	t.Setenv("SMTP_EDGE_TEST_HOST", "mx.example.net")
+	h := &Handler{Hostnames: []string{"{env.SMTP_EDGE_TEST_HOST}"}, Greeting: "{env.SMTP_EDGE_TEST_HOST} ready"}
+	if _, err := h.setup(); err != nil {
+		t.Fatal(err)
+	}
+	if string(h.greeting) != "220 mx.example.net mx.example.net ready\r\n" {
+		t.Errorf("greeting %q", h.greeting)
+	}
+}
+
+func TestSetupErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		h    Handler
+		want string
+	}{
+		{"no hostname", Handler{}, "at least one hostname"},
+		{"empty hostname", Handler{Hostnames: []string{""}}, "empty hostname"},
+		{"wildcard", Handler{Hostnames: []string{"*.example.com"}}, "wildcards"},
+		{"space in hostname", Handler{Hostnames: []string{"mail example.com"}}, "invalid character"},
+		{"CRLF in hostname", Handler{Hostnames: []string{"mail.example.com\r\n250 x"}}, "invalid character"},
+		{"unicode hostname", Handler{Hostnames: []string{"mäil.example.com"}}, "xn--"},
+		{"CRLF in greeting", Handler{Hostnames: []string{"m.example"}, Greeting: "hi\r\n250 x"}, "single line"},
+		{"negative max_errors", Handler{Hostnames: []string{"m.example"}, MaxErrors: -1}, "max_errors"},
+		{"negative timeout", Handler{Hostnames: []string{"m.example"}, Timeouts: Timeouts{Idle: caddy.Duration(-time.Second)}}, "idle must not be negative"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := tt.h.setup()
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error %v, want one containing %q", err, tt.want)
+			}
+		})
+	}
+}

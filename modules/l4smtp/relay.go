@@ -1,0 +1,185 @@
+package l4smtp
+
+import (
+	"crypto/tls"
+	"errors"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+)
+
+// relay hands the TLS session to the next handler (normally caddy-l4's
+// proxy) through a relayConn, and deals with the ends of the session the next
+// handler cannot see: a backend that is unreachable or never greets, a session
+// that falls silent, a backend that goes away.
+func (h *Handler) relay(cx *layer4.Connection, tlsConn *tls.Conn, next layer4.Handler, greeted bool) error {
+	c := &relayConn{netConn: tlsConn, h: h, remote: cx.RemoteAddr().String()}
+	c.filter.swallowGreeting = greeted
+	c.touch()
+	c.backendTimer = time.AfterFunc(h.backend, c.backendTimeout)
+	c.idleTimer = time.AfterFunc(h.idle, c.idleCheck)
+
+	err := next.Handle(cx.Wrap(c))
+
+	c.backendTimer.Stop()
+	c.idleTimer.Stop()
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if !c.filter.greetingDone() && !c.closed.Load() {
+		h.logger.Warn("mail server unavailable",
+			zap.String("remote", c.remote),
+			zap.Error(err))
+		c.finalReply(h.replies.backendUnavailable)
+		err = nil // answered and logged here; not a fault of the edge
+	}
+	c.closed.Store(true)
+	_ = c.netConn.Close()
+	return err
+}
+
+// relayConn is the client's TLS connection as the next handler sees it. Reads
+// (client to backend) pass through untouched and are never buffered or parsed.
+// Writes (backend to client) go through a replyFilter. It also keeps the
+// session's clocks: the backend greeting timeout and the idle timeout.
+type relayConn struct {
+	netConn // the TLS connection to the client
+	h       *Handler
+	remote  string
+
+	wmu    sync.Mutex // serialises writes to the client and the filter state
+	filter replyFilter
+	out    []byte
+
+	closed       atomic.Bool // the edge has ended the session; later writes are dropped
+	clientEOF    atomic.Bool
+	lastActive   atomic.Int64 // unix nanoseconds of the last byte either way
+	backendTimer *time.Timer
+	idleTimer    *time.Timer
+}
+
+// Read passes client bytes on to the next handler as they are.
+func (c *relayConn) Read(p []byte) (int, error) {
+	n, err := c.netConn.Read(p)
+	if n > 0 {
+		c.touch()
+	}
+	if errors.Is(err, io.EOF) {
+		c.clientEOF.Store(true)
+	}
+	return n, err
+}
+
+// Write takes backend bytes and passes on what the client should see. It
+// always reports all of p as written unless the client connection failed,
+// because what the filter drops was handled, not lost.
+func (c *relayConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed.Load() {
+		return len(p), nil
+	}
+	greeted := c.filter.greetingDone()
+	c.out = c.filter.process(c.out[:0], p)
+	if !greeted && c.filter.greetingDone() {
+		c.backendTimer.Stop()
+	}
+	if len(c.out) > 0 {
+		if _, err := c.netConn.Write(c.out); err != nil {
+			if c.closed.Load() {
+				return len(p), nil
+			}
+			return 0, err
+		}
+	}
+	if cap(c.out) > 4096 {
+		c.out = nil // do not keep a large buffer for an idle session
+	}
+	c.touch()
+	return len(p), nil
+}
+
+// CloseWrite is called by the proxy when the backend has finished sending:
+// the SMTP session is over. A client that may still be waiting for a reply
+// gets a 421 first; then the connection is closed.
+func (c *relayConn) CloseWrite() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed.Load() {
+		return nil
+	}
+	code := c.filter.lastReply()
+	switch {
+	case !c.filter.greetingDone():
+		c.h.logger.Warn("mail server closed the connection before greeting",
+			zap.String("remote", c.remote))
+		c.finalReply(c.h.replies.backendUnavailable)
+	case c.clientEOF.Load():
+		// the client left first; nobody to tell
+	case !c.filter.midReply() && (code == "221" || code == "421"):
+		// the backend said goodbye itself
+	default:
+		c.h.logger.Debug("mail server closed the connection during the session",
+			zap.String("remote", c.remote))
+		c.finalReply(c.h.replies.backendGone)
+	}
+	c.closed.Store(true)
+	return c.netConn.Close()
+}
+
+// backendTimeout fires when the backend has not greeted within the backend
+// timeout.
+func (c *relayConn) backendTimeout() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.filter.greetingDone() || c.closed.Load() {
+		return
+	}
+	c.h.logger.Warn("mail server did not greet in time",
+		zap.String("remote", c.remote),
+		zap.Duration("timeout", c.h.backend))
+	c.finalReply(c.h.replies.backendUnavailable)
+	c.closed.Store(true)
+	_ = c.netConn.Close()
+}
+
+// idleCheck fires when the session may have been silent for the idle
+// timeout, and closes it if it was.
+func (c *relayConn) idleCheck() {
+	silent := time.Since(time.Unix(0, c.lastActive.Load()))
+	if silent < c.h.idle {
+		c.idleTimer.Reset(c.h.idle - silent)
+		return
+	}
+	c.h.logger.Debug("idle timeout after TLS",
+		zap.String("remote", c.remote),
+		zap.Duration("timeout", c.h.idle))
+	// a write that is stuck on a client which does not read holds the
+	// lock; then there is no way to send a reply, only to close
+	if c.wmu.TryLock() {
+		if !c.closed.Load() {
+			c.finalReply(c.h.replies.idleTimeout)
+		}
+		c.closed.Store(true)
+		c.wmu.Unlock()
+	}
+	c.closed.Store(true)
+	_ = c.netConn.Close()
+}
+
+// finalReply writes a reply that precedes a close. The caller holds wmu.
+func (c *relayConn) finalReply(reply []byte) {
+	_ = c.netConn.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
+	_, _ = c.netConn.Write(reply)
+}
+
+func (c *relayConn) touch() { c.lastActive.Store(time.Now().UnixNano()) }
+
+// Interface guards
+var _ interface {
+	netConn
+	CloseWrite() error
+} = (*relayConn)(nil)

@@ -1,0 +1,241 @@
+package l4smtp
+
+import (
+	"bufio"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap/zapcore"
+)
+
+// backend scripts the far side of the relay as caddy-l4's proxy drives it:
+// it writes backend bytes with Write, reads client bytes with Read, and calls
+// CloseWrite when the backend has finished.
+type backend struct {
+	t  *testing.T
+	cx *layer4.Connection
+	r  *bufio.Reader
+}
+
+func (b *backend) send(s string) {
+	n, err := b.cx.Write([]byte(s))
+	if err != nil || n != len(s) {
+		b.t.Errorf("relay Write(%q) = %d, %v; want %d, nil", s, n, err, len(s))
+	}
+}
+
+func (b *backend) expect(line string) {
+	got, err := b.r.ReadString('\n')
+	if err != nil || got != line+"\r\n" {
+		b.t.Errorf("backend read %q, %v; want %q", got, err, line)
+	}
+}
+
+// finish closes the backend side as the proxy does after the backend hung up.
+func (b *backend) finish() {
+	if err := b.cx.Conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		b.t.Errorf("CloseWrite: %v", err)
+	}
+}
+
+// serveRelay runs the TLS handshake and the relay on one loopback connection,
+// with script as the next handler. It returns the client's TLS connection and
+// the relay's result.
+func serveRelay(t *testing.T, h *Handler, greeted bool, script func(*backend) error) (*tls.Conn, *bufio.Reader, <-chan error) {
+	t.Helper()
+	next := layer4.HandlerFunc(func(cx *layer4.Connection) error {
+		return script(&backend{t: t, cx: cx, r: bufio.NewReader(cx)})
+	})
+	raw, done := serveOne(t, func(cx *layer4.Connection) error {
+		tlsConn := h.startTLS(cx, cx)
+		if tlsConn == nil {
+			return errors.New("handshake failed")
+		}
+		return h.relay(cx, tlsConn, next, greeted)
+	})
+	conn := tls.Client(raw, testClientTLS())
+	if err := conn.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	return conn, bufio.NewReader(conn), done
+}
+
+func TestRelaySession(t *testing.T) {
+	h, _ := newTestHandler(t, nil)
+	var clientAddr net.Addr
+	conn, r, done := serveRelay(t, h, true, func(b *backend) error {
+		if b.cx.RemoteAddr().String() != clientAddr.String() {
+			t.Errorf("RemoteAddr %v, want the client's %v", b.cx.RemoteAddr(), clientAddr)
+		}
+		b.send("220-backend.internal ESMTP\r\n220 Postfix\r\n")
+		b.expect("EHLO client.example")
+		b.send("250-backend.internal\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR\r\n250-SIZE 1000\r\n250 STARTTLS\r\n")
+		b.expect("QUIT")
+		b.send("221 2.0.0 Bye\r\n")
+		b.finish()
+		return nil
+	})
+	clientAddr = conn.LocalAddr()
+	io.WriteString(conn, "EHLO client.example\r\n")
+	got := readReplies(t, r, 3)
+	want := []string{"250-backend.internal", "250-PIPELINING", "250 SIZE 1000"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("EHLO reply %q, want %q", got, want)
+	}
+	io.WriteString(conn, "QUIT\r\n")
+	if got := readReplies(t, r, 1)[0]; got != "221 2.0.0 Bye" {
+		t.Fatalf("got %q", got)
+	}
+	expectClosed(t, r)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRelayImplicitTLSPassesGreeting(t *testing.T) {
+	h, _ := newTestHandler(t, nil)
+	_, r, done := serveRelay(t, h, false, func(b *backend) error {
+		b.send("220 backend.internal ESMTP\r\n")
+		b.send("221 2.0.0 Bye\r\n")
+		b.finish()
+		return nil
+	})
+	if got := readReplies(t, r, 2); got[0] != "220 backend.internal ESMTP" || got[1] != "221 2.0.0 Bye" {
+		t.Fatalf("got %q", got)
+	}
+	expectClosed(t, r)
+	<-done
+}
+
+// A backend that refuses the session in its greeting is heard: its reply
+// answers the client's EHLO, and the backend's own answer to that EHLO is
+// dropped so that later replies still answer the right commands.
+func TestRelayRefusedGreeting(t *testing.T) {
+	h, _ := newTestHandler(t, nil)
+	conn, r, done := serveRelay(t, h, true, func(b *backend) error {
+		b.send("554 5.7.1 No service for you\r\n")
+		b.expect("EHLO client.example")
+		b.send("503 5.5.1 Error: bad sequence\r\n")
+		b.expect("QUIT")
+		b.send("221 2.0.0 Bye\r\n")
+		b.finish()
+		return nil
+	})
+	io.WriteString(conn, "EHLO client.example\r\n")
+	if got := readReplies(t, r, 1)[0]; got != "554 5.7.1 No service for you" {
+		t.Fatalf("EHLO answered %q", got)
+	}
+	io.WriteString(conn, "QUIT\r\n")
+	if got := readReplies(t, r, 1)[0]; got != "221 2.0.0 Bye" {
+		t.Fatalf("QUIT answered %q", got)
+	}
+	expectClosed(t, r)
+	<-done
+}
+
+const backendUnavailable = "421 4.4.1 mail.test Service not available, closing transmission channel"
+
+func TestRelayBackendUnavailable(t *testing.T) {
+	for _, implicit := range []bool{false, true} {
+		t.Run(fmt.Sprint("implicit_tls=", implicit), func(t *testing.T) {
+			h, logs := newTestHandler(t, nil)
+			conn, r, done := serveRelay(t, h, !implicit, func(b *backend) error {
+				return errors.New("dial tcp 127.0.0.1:1: connect: connection refused")
+			})
+			if !implicit {
+				io.WriteString(conn, "EHLO client.example\r\n")
+			}
+			if got := readReplies(t, r, 1)[0]; got != backendUnavailable {
+				t.Fatalf("got %q", got)
+			}
+			expectClosed(t, r)
+			if err := <-done; err != nil {
+				t.Errorf("relay returned %v; the edge answered the client, it is not a fault", err)
+			}
+			warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("mail server unavailable")
+			if warned.Len() != 1 || !strings.Contains(fmt.Sprint(warned.All()[0].ContextMap()), "connection refused") {
+				t.Errorf("not logged at Warn with the cause: %v", logs.All())
+			}
+		})
+	}
+}
+
+func TestRelayBackendHangsUpBeforeGreeting(t *testing.T) {
+	h, _ := newTestHandler(t, nil)
+	_, r, done := serveRelay(t, h, true, func(b *backend) error {
+		b.finish()
+		return nil
+	})
+	if got := readReplies(t, r, 1)[0]; got != backendUnavailable {
+		t.Fatalf("got %q", got)
+	}
+	expectClosed(t, r)
+	<-done
+}
+
+func TestRelayBackendGreetingTimeout(t *testing.T) {
+	h, _ := newTestHandler(t, func(h *Handler) { h.Timeouts.Backend = caddy.Duration(50 * time.Millisecond) })
+	conn, r, done := serveRelay(t, h, true, func(b *backend) error {
+		// a backend that accepted but never greets: wait for the edge to
+		// give up on it, which closes the client side
+		_, err := io.Copy(io.Discard, b.cx)
+		_ = err
+		return nil
+	})
+	io.WriteString(conn, "EHLO client.example\r\n")
+	if got := readReplies(t, r, 1)[0]; got != backendUnavailable {
+		t.Fatalf("got %q", got)
+	}
+	expectClosed(t, r)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRelayBackendGoneMidSession(t *testing.T) {
+	h, _ := newTestHandler(t, nil)
+	conn, r, done := serveRelay(t, h, true, func(b *backend) error {
+		b.send("220 backend ESMTP\r\n")
+		b.expect("EHLO client.example")
+		b.send("250-backend\r\n250 PIPELINING\r\n")
+		b.expect("MAIL FROM:<a@example.com>")
+		b.finish() // crashed before answering
+		return nil
+	})
+	io.WriteString(conn, "EHLO client.example\r\n")
+	readReplies(t, r, 2)
+	io.WriteString(conn, "MAIL FROM:<a@example.com>\r\n")
+	if got := readReplies(t, r, 1)[0]; !strings.HasPrefix(got, "421 4.4.2 mail.test ") {
+		t.Fatalf("got %q, want a 421 4.4.2", got)
+	}
+	expectClosed(t, r)
+	<-done
+}
+
+func TestRelayIdleTimeout(t *testing.T) {
+	h, _ := newTestHandler(t, func(h *Handler) { h.Timeouts.Idle = caddy.Duration(50 * time.Millisecond) })
+	conn, r, done := serveRelay(t, h, true, func(b *backend) error {
+		b.send("220 backend ESMTP\r\n")
+		b.expect("EHLO client.example")
+		b.send("250 backend\r\n")
+		_, _ = io.Copy(io.Discard, b.cx) // until the edge closes the session
+		return nil
+	})
+	io.WriteString(conn, "EHLO client.example\r\n")
+	if got := readReplies(t, r, 1)[0]; got != "250 backend" {
+		t.Fatalf("got %q", got)
+	}
+	if got := readReplies(t, r, 1)[0]; got != "421 4.4.2 mail.test Error: timeout exceeded" {
+		t.Fatalf("got %q", got)
+	}
+	expectClosed(t, r)
+	<-done
+}

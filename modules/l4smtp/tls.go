@@ -1,0 +1,95 @@
+package l4smtp
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net"
+
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
+	"github.com/mholt/caddy-l4/layer4"
+	"github.com/mholt/caddy-l4/modules/l4tls"
+	"go.uber.org/zap"
+)
+
+type netConn = net.Conn
+
+// provisionTLS fills in the defaults a mail port needs and builds the TLS
+// configuration once; each connection gets a clone of it.
+func (h *Handler) provisionTLS() error {
+	if len(h.ConnectionPolicies) == 0 {
+		h.ConnectionPolicies = caddytls.ConnectionPolicies{new(caddytls.ConnectionPolicy)}
+	}
+	for i, cp := range h.ConnectionPolicies {
+		if cp.ALPN == nil {
+			// Caddy's default is h2 and http/1.1, which a mail port must
+			// never offer (ALPACA cross-protocol attacks)
+			cp.ALPN = []string{}
+		}
+		for _, proto := range cp.ALPN {
+			if proto == "h2" || proto == "http/1.1" || proto == "http/1.0" {
+				h.logger.Warn("connection policy offers an HTTP ALPN protocol on a mail port",
+					zap.Int("connection_policy", i),
+					zap.String("alpn", proto))
+			}
+		}
+		if cp.DefaultSNI == "" {
+			cp.DefaultSNI = h.hostname
+		}
+	}
+	if err := h.ConnectionPolicies.Provision(h.ctx); err != nil {
+		return fmt.Errorf("smtp: setting up connection policies: %w", err)
+	}
+	h.baseTLS = h.ConnectionPolicies.TLSConfig(h.ctx)
+	return nil
+}
+
+// tlsConfig returns the TLS configuration for one connection, and the place
+// where the ClientHello will be captured during the handshake.
+func (h *Handler) tlsConfig() (*tls.Config, *l4tls.ClientHelloInfo) {
+	hello := new(l4tls.ClientHelloInfo)
+	cfg := h.baseTLS.Clone()
+	getConfigForClient := h.baseTLS.GetConfigForClient
+	cfg.GetConfigForClient = func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+		hello.ClientHelloInfo = *chi
+		if getConfigForClient == nil {
+			return nil, nil
+		}
+		return getConfigForClient(chi)
+	}
+	return cfg, hello
+}
+
+// recordTLS stores the handshake's ClientHello and connection state in the
+// connection's variables under the keys caddy-l4's tls handler uses, so that
+// l4tls.GetConnectionStates, l4tls.GetClientHelloInfos and the matchers that
+// read them work after this handler as they do after tls.
+func recordTLS(cx *layer4.Connection, hello *l4tls.ClientHelloInfo, state *tls.ConnectionState) {
+	var hellos []l4tls.ClientHelloInfo
+	if v, ok := cx.GetVar("tls_client_hellos").([]l4tls.ClientHelloInfo); ok {
+		hellos = v
+	}
+	cx.SetVar("tls_client_hellos", append(hellos, *hello))
+
+	var states []*tls.ConnectionState
+	if v, ok := cx.GetVar("tls_connection_states").([]*tls.ConnectionState); ok {
+		states = v
+	}
+	cx.SetVar("tls_connection_states", append(states, state))
+}
+
+// prefixedConn replays bytes already read from the connection before reading
+// on from it: the first byte of the ClientHello, which the STARTTLS dialogue
+// reads to tell a handshake from injected plaintext.
+type prefixedConn struct {
+	netConn
+	prefix []byte
+}
+
+func (c *prefixedConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
+	}
+	return c.netConn.Read(p)
+}
