@@ -29,12 +29,16 @@ func (h *Handler) relay(cx *layer4.Connection, tlsConn *tls.Conn, next layer4.Ha
 	c.idleTimer.Stop()
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if !c.filter.greetingDone() && !c.closed.Load() {
-		h.logger.Warn("mail server unavailable",
-			zap.String("remote", c.remote),
-			zap.Error(err))
-		c.finalReply(h.replies.backendUnavailable)
-		err = nil // answered and logged here; not a fault of the edge
+	if !c.filter.greetingDone() {
+		if !c.closed.Load() {
+			h.logger.Warn("mail server unavailable",
+				zap.String("remote", c.remote),
+				zap.Error(err))
+			c.finalReply(h.replies.backendUnavailable)
+		}
+		// the client has its 421 and the log its warning; an unreachable
+		// backend is not a fault of the edge
+		err = nil
 	}
 	c.closed.Store(true)
 	_ = c.netConn.Close()
@@ -149,6 +153,9 @@ func (c *relayConn) backendTimeout() {
 // idleCheck fires when the session may have been silent for the idle
 // timeout, and closes it if it was.
 func (c *relayConn) idleCheck() {
+	if c.closed.Load() {
+		return
+	}
 	silent := time.Since(time.Unix(0, c.lastActive.Load()))
 	if silent < c.h.idle {
 		c.idleTimer.Reset(c.h.idle - silent)
