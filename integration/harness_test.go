@@ -266,6 +266,7 @@ type caddyProc struct {
 // probe), and the hostnames that need certificates.
 type caddySetup struct {
 	config    caddyConfig
+	caddyfile string // used as it is instead of config, when set
 	addrs     []string
 	probe     listener
 	hostnames []string
@@ -314,7 +315,9 @@ func startCaddyOnce(t *testing.T, setup caddySetup) (*caddyProc, error) {
 	}
 
 	var caddyfile bytes.Buffer
-	if err := caddyfileTemplate.Execute(&caddyfile, setup.config); err != nil {
+	if setup.caddyfile != "" {
+		caddyfile.WriteString(setup.caddyfile)
+	} else if err := caddyfileTemplate.Execute(&caddyfile, setup.config); err != nil {
 		t.Fatalf("writing the Caddyfile: %v", err)
 	}
 	caddyfilePath := filepath.Join(dir, "Caddyfile")
@@ -807,12 +810,18 @@ func requireTool(t *testing.T, name, pkg string) string {
 	if err == nil {
 		return path
 	}
-	msg := fmt.Sprintf("%s is not installed (Debian: apt-get install %s)", name, pkg)
+	skipOrFail(t, fmt.Sprintf("%s is not installed (Debian: apt-get install %s)", name, pkg))
+	return ""
+}
+
+// skipOrFail skips the test for a missing precondition of this machine, or
+// fails it under SMTP_EDGE_REQUIRE_TOOLS=1, where CI has provided everything.
+func skipOrFail(t *testing.T, msg string) {
+	t.Helper()
 	if os.Getenv(requireToolsEnv) == "1" {
 		t.Fatalf("%s, and %s=1 requires it", msg, requireToolsEnv)
 	}
 	t.Skipf("%s; skipping (set %s=1 to make this a failure)", msg, requireToolsEnv)
-	return ""
 }
 
 // runTool runs a command with a bound on its runtime and returns its

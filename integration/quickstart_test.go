@@ -1,0 +1,55 @@
+package integration
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestQuickstart runs examples/quickstart/Caddyfile itself, the config of the
+// README's first command, and sends a message through each of its listeners
+// into the sink's ./mail directory. It uses the file's fixed ports, so it
+// runs alone (it is not parallel) and skips when one of them is taken, except
+// in CI.
+func TestQuickstart(t *testing.T) {
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	config, err := os.ReadFile(filepath.Join(root, "examples", "quickstart", "Caddyfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	listeners := []listener{
+		{name: "submissions", mode: implicitTLS, addr: "127.0.0.1:1465"},
+		{name: "submission", mode: startTLS, addr: "127.0.0.1:1587"},
+		{name: "alt", mode: startTLS, addr: "127.0.0.1:2525"},
+	}
+	addrs := []string{listeners[0].addr, listeners[1].addr, listeners[2].addr, "127.0.0.1:10025"}
+	for _, addr := range addrs {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			skipOrFail(t, "the quickstart's address "+addr+" is taken ("+err.Error()+")")
+		}
+		ln.Close()
+	}
+
+	proc := startCaddy(t, func() caddySetup {
+		return caddySetup{caddyfile: string(config), addrs: addrs, probe: listeners[0], hostnames: []string{"mail.localhost"}}
+	})
+	for _, l := range listeners {
+		t.Run(l.name, func(t *testing.T) {
+			c := smtpClient(t, l, proc.tlsConfig("mail.localhost"))
+			token := uniqueToken(t)
+			msg := testMessage(token, "through the quickstart's "+l.name+" listener")
+			if err := deliver(c, "me@example.com", []string{"you@example.com"}, msg); err != nil {
+				t.Fatalf("sending: %v", err)
+			}
+			if err := c.Quit(); err != nil {
+				t.Errorf("QUIT: %v", err)
+			}
+			assertSameBytes(t, "the stored message", sinkMessage(t, filepath.Join(proc.dir, "mail"), token), msg)
+		})
+	}
+}
