@@ -70,11 +70,9 @@ func serveRelay(t *testing.T, h *Handler, greeted bool, script func(*backend) er
 
 func TestRelaySession(t *testing.T) {
 	h, _ := newTestHandler(t, nil)
-	var clientAddr net.Addr
+	remote := make(chan net.Addr, 1)
 	conn, r, done := serveRelay(t, h, true, func(b *backend) error {
-		if b.cx.RemoteAddr().String() != clientAddr.String() {
-			t.Errorf("RemoteAddr %v, want the client's %v", b.cx.RemoteAddr(), clientAddr)
-		}
+		remote <- b.cx.RemoteAddr()
 		b.send("220-backend.internal ESMTP\r\n220 Postfix\r\n")
 		b.expect("EHLO client.example")
 		b.send("250-backend.internal\r\n250-PIPELINING\r\n250-XCLIENT NAME ADDR\r\n250-SIZE 1000\r\n250 STARTTLS\r\n")
@@ -83,7 +81,9 @@ func TestRelaySession(t *testing.T) {
 		b.finish()
 		return nil
 	})
-	clientAddr = conn.LocalAddr()
+	if got := <-remote; got.String() != conn.LocalAddr().String() {
+		t.Errorf("the next handler sees RemoteAddr %v, want the client's %v", got, conn.LocalAddr())
+	}
 	io.WriteString(conn, "EHLO client.example\r\n")
 	got := readReplies(t, r, 3)
 	want := []string{"250-backend.internal", "250-PIPELINING", "250 SIZE 1000"}
