@@ -22,15 +22,14 @@ const finalReplyTimeout = 5 * time.Second
 // tlsHandshakeRecord is the first byte of every TLS ClientHello.
 const tlsHandshakeRecord = 0x16
 
-// replies are the fixed replies of the plaintext dialogue, built once per
-// handler because the hostname is part of several of them.
+// replies are the edge's own replies that name its host, before TLS and
+// after it, built once per handler.
 type replies struct {
 	ehlo, helo         []byte
 	timeout, tooMany   []byte
 	protocolError      []byte
 	backendUnavailable []byte
 	backendGone        []byte
-	idleTimeout        []byte
 }
 
 func newReplies(host string) replies {
@@ -42,7 +41,6 @@ func newReplies(host string) replies {
 		protocolError:      []byte("421 4.5.0 " + host + " Protocol error, closing connection\r\n"),
 		backendUnavailable: []byte("421 4.4.1 " + host + " Service not available, closing transmission channel\r\n"),
 		backendGone:        []byte("421 4.4.2 " + host + " Connection to the mail server lost, closing transmission channel\r\n"),
-		idleTimeout:        []byte("421 4.4.2 " + host + " Error: timeout exceeded\r\n"),
 	}
 }
 
@@ -66,7 +64,7 @@ var (
 // It returns the connection to run the TLS handshake on, or nil when the
 // session is over (QUIT, timeout, too many errors, an injection attempt, or
 // the client went away).
-func (h *Handler) plaintextDialogue(cx *layer4.Connection) netConn {
+func (h *Handler) plaintextDialogue(cx *layer4.Connection) net.Conn {
 	s := dialogue{h: h, cx: cx, in: newLineReader(cx)}
 	return s.run()
 }
@@ -78,7 +76,7 @@ type dialogue struct {
 	errors int
 }
 
-func (s *dialogue) run() netConn {
+func (s *dialogue) run() net.Conn {
 	h := s.h
 	if !s.reply(h.greeting) {
 		return nil
@@ -149,7 +147,7 @@ func (s *dialogue) run() netConn {
 // bytes must never be read as commands after TLS, so the session ends without
 // TLS. The first byte after the 220 must open a TLS handshake record; it is
 // handed to the handshake ahead of the rest of the connection.
-func (s *dialogue) startTLS() netConn {
+func (s *dialogue) startTLS() net.Conn {
 	if s.in.buffered() > 0 || len(s.cx.MatchingBytes()) > 0 {
 		s.injection("command pipelined after STARTTLS")
 		s.finalReply(s.h.replies.protocolError)
@@ -171,7 +169,7 @@ func (s *dialogue) startTLS() netConn {
 		s.injection("plaintext after STARTTLS instead of a TLS handshake")
 		return nil
 	}
-	return &prefixedConn{netConn: s.cx, prefix: first[:]}
+	return &prefixedConn{Conn: s.cx, prefix: first[:]}
 }
 
 func (s *dialogue) injection(what string) {

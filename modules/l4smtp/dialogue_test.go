@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"crypto/tls"
 	"io"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -116,7 +117,7 @@ func TestDialogue(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h, _ := newTestHandler(t, func(h *Handler) { h.MaxErrors = tt.maxErrors })
-			client, done := serveOne(t, func(cx *layer4.Connection) netConn { return h.plaintextDialogue(cx) })
+			client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx) })
 			r := bufio.NewReader(client)
 			if got := readReplies(t, r, 1)[0]; got != "220 mail.test ESMTP" {
 				t.Fatalf("greeting %q", got)
@@ -151,7 +152,7 @@ func TestDialogueGreeting(t *testing.T) {
 		h.Hostnames = []string{"MX1.Example.COM.", "mx2.example.com"}
 		h.Greeting = "Ready for mail"
 	})
-	client, _ := serveOne(t, func(cx *layer4.Connection) netConn { return h.plaintextDialogue(cx) })
+	client, _ := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx) })
 	r := bufio.NewReader(client)
 	if got := readReplies(t, r, 1)[0]; got != "220 mx1.example.com Ready for mail" {
 		t.Fatalf("greeting %q", got)
@@ -160,7 +161,7 @@ func TestDialogueGreeting(t *testing.T) {
 
 func TestDialogueCommandTimeout(t *testing.T) {
 	h, logs := newTestHandler(t, func(h *Handler) { h.Timeouts.Command = caddy.Duration(50 * time.Millisecond) })
-	client, done := serveOne(t, func(cx *layer4.Connection) netConn { return h.plaintextDialogue(cx) })
+	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx) })
 	r := bufio.NewReader(client)
 	readReplies(t, r, 1)
 	// a partial line does not stop the clock
@@ -184,7 +185,7 @@ func TestDialogueCommandTimeout(t *testing.T) {
 // closes without reading them as commands and without replying.
 func TestDialoguePlaintextAfterReady(t *testing.T) {
 	h, logs := newTestHandler(t, nil)
-	client, done := serveOne(t, func(cx *layer4.Connection) netConn { return h.plaintextDialogue(cx) })
+	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx) })
 	r := bufio.NewReader(client)
 	readReplies(t, r, 1)
 	io.WriteString(client, "STARTTLS\r\n")
@@ -204,7 +205,7 @@ func TestDialoguePlaintextAfterReady(t *testing.T) {
 
 func TestDialogueInjectionLogged(t *testing.T) {
 	h, logs := newTestHandler(t, nil)
-	client, done := serveOne(t, func(cx *layer4.Connection) netConn { return h.plaintextDialogue(cx) })
+	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx) })
 	r := bufio.NewReader(client)
 	readReplies(t, r, 1)
 	io.WriteString(client, "STARTTLS\r\nRSET\r\n")
@@ -259,7 +260,7 @@ type tlsClient struct{ raw io.ReadWriter }
 func TestStartTLS(t *testing.T) {
 	h, _ := newTestHandler(t, nil)
 	_, c, done := serveStartTLS(t, h)
-	conn := tls.Client(c.raw.(netConn), testClientTLS())
+	conn := tls.Client(c.raw.(net.Conn), testClientTLS())
 	if err := conn.Handshake(); err != nil {
 		t.Fatalf("handshake: %v", err)
 	}
@@ -286,7 +287,7 @@ func TestStartTLSRefusesOldTLS(t *testing.T) {
 			_, c, done := serveStartTLS(t, h)
 			cfg := testClientTLS()
 			cfg.MinVersion, cfg.MaxVersion = version, version
-			conn := tls.Client(c.raw.(netConn), cfg)
+			conn := tls.Client(c.raw.(net.Conn), cfg)
 			if err := conn.Handshake(); err == nil {
 				t.Fatalf("%s handshake succeeded", tls.VersionName(version))
 			}

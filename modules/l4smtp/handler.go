@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"time"
 
@@ -243,7 +244,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 // handler does, so that later handlers and matchers can read it. It returns
 // nil when the handshake failed; the connection is then closed by the caller's
 // caller, and never used in plaintext.
-func (h *Handler) startTLS(cx *layer4.Connection, conn netConn) *tls.Conn {
+func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
 	cfg, hello := h.tlsConfig()
 	tlsConn := tls.Server(conn, cfg)
 	_ = cx.SetDeadline(time.Now().Add(h.handshake))

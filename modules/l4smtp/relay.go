@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,7 +18,7 @@ import (
 // handler cannot see: a backend that is unreachable or never greets, a session
 // that falls silent, a backend that goes away.
 func (h *Handler) relay(cx *layer4.Connection, tlsConn *tls.Conn, next layer4.Handler, greeted bool) error {
-	c := &relayConn{netConn: tlsConn, h: h, remote: cx.RemoteAddr().String()}
+	c := &relayConn{Conn: tlsConn, h: h, remote: cx.RemoteAddr().String()}
 	c.filter.swallowGreeting = greeted
 	c.touch()
 	c.backendTimer = time.AfterFunc(h.backend, c.backendTimeout)
@@ -41,7 +42,7 @@ func (h *Handler) relay(cx *layer4.Connection, tlsConn *tls.Conn, next layer4.Ha
 		err = nil
 	}
 	c.closed.Store(true)
-	_ = c.netConn.Close()
+	_ = c.Conn.Close()
 	return err
 }
 
@@ -50,9 +51,9 @@ func (h *Handler) relay(cx *layer4.Connection, tlsConn *tls.Conn, next layer4.Ha
 // Writes (backend to client) go through a replyFilter. It also keeps the
 // session's clocks: the backend greeting timeout and the idle timeout.
 type relayConn struct {
-	netConn // the TLS connection to the client
-	h       *Handler
-	remote  string
+	net.Conn // the TLS connection to the client
+	h        *Handler
+	remote   string
 
 	wmu    sync.Mutex // serialises writes to the client and the filter state
 	filter replyFilter
@@ -67,7 +68,7 @@ type relayConn struct {
 
 // Read passes client bytes on to the next handler as they are.
 func (c *relayConn) Read(p []byte) (int, error) {
-	n, err := c.netConn.Read(p)
+	n, err := c.Conn.Read(p)
 	if n > 0 {
 		c.touch()
 	}
@@ -92,7 +93,7 @@ func (c *relayConn) Write(p []byte) (int, error) {
 		c.backendTimer.Stop()
 	}
 	if len(c.out) > 0 {
-		if _, err := c.netConn.Write(c.out); err != nil {
+		if _, err := c.Conn.Write(c.out); err != nil {
 			if c.closed.Load() {
 				return len(p), nil
 			}
@@ -131,7 +132,7 @@ func (c *relayConn) CloseWrite() error {
 		c.finalReply(c.h.replies.backendGone)
 	}
 	c.closed.Store(true)
-	return c.netConn.Close()
+	return c.Conn.Close()
 }
 
 // backendTimeout fires when the backend has not greeted within the backend
@@ -147,7 +148,7 @@ func (c *relayConn) backendTimeout() {
 		zap.Duration("timeout", c.h.backend))
 	c.finalReply(c.h.replies.backendUnavailable)
 	c.closed.Store(true)
-	_ = c.netConn.Close()
+	_ = c.Conn.Close()
 }
 
 // idleCheck fires when the session may have been silent for the idle
@@ -168,25 +169,25 @@ func (c *relayConn) idleCheck() {
 	// lock; then there is no way to send a reply, only to close
 	if c.wmu.TryLock() {
 		if !c.closed.Load() {
-			c.finalReply(c.h.replies.idleTimeout)
+			c.finalReply(c.h.replies.timeout)
 		}
 		c.closed.Store(true)
 		c.wmu.Unlock()
 	}
 	c.closed.Store(true)
-	_ = c.netConn.Close()
+	_ = c.Conn.Close()
 }
 
 // finalReply writes a reply that precedes a close. The caller holds wmu.
 func (c *relayConn) finalReply(reply []byte) {
-	_ = c.netConn.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
-	_, _ = c.netConn.Write(reply)
+	_ = c.Conn.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
+	_, _ = c.Conn.Write(reply)
 }
 
 func (c *relayConn) touch() { c.lastActive.Store(time.Now().UnixNano()) }
 
 // Interface guards
 var _ interface {
-	netConn
+	net.Conn
 	CloseWrite() error
 } = (*relayConn)(nil)

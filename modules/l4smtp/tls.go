@@ -11,8 +11,6 @@ import (
 	"go.uber.org/zap"
 )
 
-type netConn = net.Conn
-
 // provisionTLS fills in the defaults a mail port needs and builds the TLS
 // configuration once; each connection gets a clone of it.
 func (h *Handler) provisionTLS() error {
@@ -81,7 +79,7 @@ func recordTLS(cx *layer4.Connection, hello *l4tls.ClientHelloInfo, state *tls.C
 // on from it: the first byte of the ClientHello, which the STARTTLS dialogue
 // reads to tell a handshake from injected plaintext.
 type prefixedConn struct {
-	netConn
+	net.Conn
 	prefix []byte
 }
 
@@ -91,5 +89,5 @@ func (c *prefixedConn) Read(p []byte) (int, error) {
 		c.prefix = c.prefix[n:]
 		return n, nil
 	}
-	return c.netConn.Read(p)
+	return c.Conn.Read(p)
 }
