@@ -20,8 +20,12 @@ import (
 //			handshake <duration>
 //			backend   <duration>
 //			idle      <duration>
+//			pregreet  <duration>
 //		}
 //		max_errors <n>
+//		max_connections <n>
+//		max_connections_per_ip <n>
+//		early_talker reject|off
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the directive name
@@ -72,15 +76,30 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			continue
 
-		case "max_errors":
+		case "max_errors", "max_connections", "max_connections_per_ip":
+			n, err := positiveInt(d, option)
+			if err != nil {
+				return err
+			}
+			switch option {
+			case "max_errors":
+				h.MaxErrors = n
+			case "max_connections":
+				h.MaxConnections = n
+			default:
+				h.MaxConnectionsPerIP = n
+			}
+
+		case "early_talker":
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
-			n, err := strconv.Atoi(d.Val())
-			if err != nil || n < 1 {
-				return d.Errf("smtp option 'max_errors' needs a whole number of at least 1, got '%s'", d.Val())
+			switch d.Val() {
+			case "reject", "off":
+				h.EarlyTalker = d.Val()
+			default:
+				return d.Errf("smtp option 'early_talker' takes reject or off, got '%s'", d.Val())
 			}
-			h.MaxErrors = n
 			if d.NextArg() {
 				return d.ArgErr()
 			}
@@ -94,6 +113,22 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// positiveInt reads the one argument of an option that takes a whole number
+// of at least 1.
+func positiveInt(d *caddyfile.Dispenser, option string) (int, error) {
+	if !d.NextArg() {
+		return 0, d.ArgErr()
+	}
+	n, err := strconv.Atoi(d.Val())
+	if err != nil || n < 1 {
+		return 0, d.Errf("smtp option '%s' needs a whole number of at least 1, got '%s'", option, d.Val())
+	}
+	if d.NextArg() {
+		return 0, d.ArgErr()
+	}
+	return n, nil
 }
 
 func (t *Timeouts) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -110,8 +145,10 @@ func (t *Timeouts) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			field = &t.Backend
 		case "idle":
 			field = &t.Idle
+		case "pregreet":
+			field = &t.Pregreet
 		default:
-			return d.Errf("unknown smtp timeout '%s' (want command, handshake, backend or idle)", name)
+			return d.Errf("unknown smtp timeout '%s' (want command, handshake, backend, idle or pregreet)", name)
 		}
 		if seen[name] {
 			return d.Errf("duplicate smtp timeout '%s'", name)

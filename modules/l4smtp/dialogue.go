@@ -30,6 +30,7 @@ type replies struct {
 	protocolError      []byte
 	backendUnavailable []byte
 	backendGone        []byte
+	tooManyConns       []byte
 }
 
 func newReplies(host string) replies {
@@ -41,6 +42,7 @@ func newReplies(host string) replies {
 		protocolError:      []byte("421 4.5.0 " + host + " Protocol error, closing connection\r\n"),
 		backendUnavailable: []byte("421 4.4.1 " + host + " Service not available, closing transmission channel\r\n"),
 		backendGone:        []byte("421 4.4.2 " + host + " Connection to the mail server lost, closing transmission channel\r\n"),
+		tooManyConns:       []byte("421 4.7.0 " + host + " Too many connections, try again later\r\n"),
 	}
 }
 
@@ -54,6 +56,7 @@ var (
 	replyNoParams      = []byte("501 5.5.4 Syntax error, no parameters allowed\r\n")
 	replyEHLOSyntax    = []byte("501 5.5.4 Syntax: EHLO hostname\r\n")
 	replyHELOSyntax    = []byte("501 5.5.4 Syntax: HELO hostname\r\n")
+	replyEarlyTalker   = []byte("521 5.5.1 Protocol error\r\n")
 	commandsNeedingTLS = [][]byte{
 		[]byte("MAIL"), []byte("RCPT"), []byte("DATA"), []byte("BDAT"),
 		[]byte("AUTH"), []byte("VRFY"), []byte("EXPN"), []byte("ETRN"),
@@ -78,7 +81,7 @@ type dialogue struct {
 
 func (s *dialogue) run() net.Conn {
 	h := s.h
-	if !s.reply(h.greeting) {
+	if !s.greet() {
 		return nil
 	}
 	for {
@@ -140,6 +143,33 @@ func (s *dialogue) run() net.Conn {
 			}
 		}
 	}
+}
+
+// greet sends the greeting. With early_talker reject, it sends the first
+// line of a multi-line greeting, listens for the pregreet timeout, and ends
+// the session of a client that talks before the final line (Postfix
+// postscreen's pregreet test); real clients wait for the whole greeting.
+func (s *dialogue) greet() bool {
+	if s.h.pregreet == 0 {
+		return s.reply(s.h.greeting)
+	}
+	first := append([]byte("220-"), s.h.greeting[4:]...)
+	if !s.reply(first) {
+		return false
+	}
+	_ = s.cx.SetReadDeadline(time.Now().Add(s.h.pregreet))
+	var b [1]byte
+	n, err := s.cx.Read(b[:])
+	switch {
+	case n > 0:
+		s.h.logger.Warn("client talked before the greeting; closing",
+			zap.String("remote", s.cx.RemoteAddr().String()))
+		s.finalReply(replyEarlyTalker)
+		return false
+	case !errors.Is(err, os.ErrDeadlineExceeded):
+		return false // the client went away
+	}
+	return s.reply(s.h.greeting)
 }
 
 // startTLS answers a valid STARTTLS command. Whatever the client sent after

@@ -102,6 +102,27 @@ type Handler struct {
 	// disconnected. Default: 5.
 	MaxErrors int `json:"max_errors,omitempty"`
 
+	// How many sessions this handler serves at once, over all the
+	// addresses of its server. A client over the limit gets "421 4.7.0
+	// Too many connections" in plaintext and is closed before any TLS work.
+	// The count starts afresh with each config load. Default: 0, no limit.
+	MaxConnections int `json:"max_connections,omitempty"`
+
+	// How many sessions one client IP address may have at once; over it,
+	// as for max_connections. Clients behind one NAT share an address.
+	// Default: 0, no limit.
+	MaxConnectionsPerIP int `json:"max_connections_per_ip,omitempty"`
+
+	// What to do with a client that sends before the greeting is complete,
+	// as spam bots do and real clients never do (Postfix postscreen's
+	// pregreet test): "reject" sends the first line of a multi-line
+	// greeting, listens for the pregreet timeout, and disconnects a client
+	// that talks with "521 5.5.1 Protocol error"; "off" greets at once. It
+	// applies to the STARTTLS dialogue only (with implicit TLS the client
+	// speaks first). Default: "off", because the wait delays every session
+	// by the pregreet timeout.
+	EarlyTalker string `json:"early_talker,omitempty"`
+
 	hostname  string // the first of Hostnames, after placeholders
 	greeting  []byte
 	replies   replies
@@ -110,6 +131,8 @@ type Handler struct {
 	backend   time.Duration
 	idle      time.Duration
 	maxErrors int
+	pregreet  time.Duration // zero unless early_talker is reject
+	limits    *connLimits
 	baseTLS   *tls.Config
 
 	ctx    caddy.Context
@@ -129,6 +152,10 @@ type Timeouts struct {
 	// its greeting. Default: 30s.
 	Backend caddy.Duration `json:"backend,omitempty"`
 
+	// With early_talker reject: how long to listen for a client that talks
+	// before the greeting is complete. Default: 1s.
+	Pregreet caddy.Duration `json:"pregreet,omitempty"`
+
 	// After TLS: how long the session may go without a byte in either
 	// direction before it is closed. RFC 5321 asks servers to wait up to 10
 	// minutes for the reply to the end of a message. Default: 10m.
@@ -142,6 +169,7 @@ const (
 	defaultBackend   = 30 * time.Second
 	defaultIdle      = 10 * time.Minute
 	defaultMaxErrors = 5
+	defaultPregreet  = time.Second
 )
 
 // CaddyModule returns the Caddy module information.
@@ -196,6 +224,7 @@ func (h *Handler) setup() ([]string, error) {
 	for what, d := range map[string]caddy.Duration{
 		"command": h.Timeouts.Command, "handshake": h.Timeouts.Handshake,
 		"backend": h.Timeouts.Backend, "idle": h.Timeouts.Idle,
+		"pregreet": h.Timeouts.Pregreet,
 	} {
 		if d < 0 {
 			return nil, fmt.Errorf("smtp: timeouts: %s must not be negative, got %s", what, time.Duration(d))
@@ -205,6 +234,24 @@ func (h *Handler) setup() ([]string, error) {
 	h.handshake = durationOr(h.Timeouts.Handshake, defaultHandshake)
 	h.backend = durationOr(h.Timeouts.Backend, defaultBackend)
 	h.idle = durationOr(h.Timeouts.Idle, defaultIdle)
+
+	if h.MaxConnections < 0 || h.MaxConnectionsPerIP < 0 {
+		return nil, fmt.Errorf("smtp: connection limits must not be negative, got max_connections %d, max_connections_per_ip %d",
+			h.MaxConnections, h.MaxConnectionsPerIP)
+	}
+	h.limits = &connLimits{max: h.MaxConnections, maxPerIP: h.MaxConnectionsPerIP}
+
+	switch h.EarlyTalker {
+	case "", "off":
+		h.pregreet = 0
+	case "reject":
+		h.pregreet = durationOr(h.Timeouts.Pregreet, defaultPregreet)
+		if h.ImplicitTLS {
+			return nil, errors.New("smtp: early_talker applies to the STARTTLS dialogue, not to implicit_tls, where the client speaks first")
+		}
+	default:
+		return nil, fmt.Errorf("smtp: early_talker must be reject or off, got %q", h.EarlyTalker)
+	}
 
 	switch {
 	case h.MaxErrors < 0:
@@ -219,6 +266,16 @@ func (h *Handler) setup() ([]string, error) {
 
 // Handle runs the SMTP edge on one client connection.
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
+	if limit := h.limits.acquire(cx.RemoteAddr()); limit != limitNone {
+		h.logger.Warn("connection limit reached; turning the client away",
+			zap.String("remote", cx.RemoteAddr().String()),
+			zap.String("limit", string(limit)))
+		_ = cx.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
+		_, _ = cx.Write(h.replies.tooManyConns)
+		return nil
+	}
+	defer h.limits.release(cx.RemoteAddr())
+
 	if h.ImplicitTLS {
 		tlsConn := h.startTLS(cx, cx)
 		if tlsConn == nil {
