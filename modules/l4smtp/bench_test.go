@@ -1,0 +1,40 @@
+package l4smtp
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+// BenchmarkReplyFilter runs a session's worth of backend replies (greeting,
+// EHLO, MAIL, RCPT, DATA, end of data, QUIT) through the filter, as the relay
+// does for every session.
+func BenchmarkReplyFilter(b *testing.B) {
+	session := []byte("220 backend.internal ESMTP Postfix\r\n" +
+		"250-backend.internal\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-STARTTLS\r\n" +
+		"250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8\r\n" +
+		"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n" +
+		"250 2.0.0 Ok: queued as 4ZxYz1abcd\r\n221 2.0.0 Bye\r\n")
+	out := make([]byte, 0, len(session))
+	b.ReportAllocs()
+	b.SetBytes(int64(len(session)))
+	for b.Loop() {
+		f := replyFilter{swallowGreeting: true}
+		out = f.process(out[:0], session)
+	}
+}
+
+// BenchmarkCommandReader reads a pre-TLS dialogue's command lines.
+func BenchmarkCommandReader(b *testing.B) {
+	dialogue := []byte(strings.Repeat("EHLO client.example.com\r\nNOOP\r\n", 4) + "STARTTLS\r\n")
+	b.ReportAllocs()
+	b.SetBytes(int64(len(dialogue)))
+	for b.Loop() {
+		lr := newLineReader(bytes.NewReader(dialogue))
+		for {
+			if _, _, err := lr.readLine(); err != nil {
+				break
+			}
+		}
+	}
+}
