@@ -37,6 +37,7 @@ func TestSoak(t *testing.T) {
 	if os.Getenv(soakEnv) != "1" {
 		t.Skipf("the soak test runs with %s=1 (it takes minutes)", soakEnv)
 	}
+	t.Parallel()
 	sessions := envInt(t, "SMTP_EDGE_SOAK_SESSIONS", 5000)
 	duration := time.Duration(envInt(t, "SMTP_EDGE_SOAK_SECONDS", 90)) * time.Second
 
