@@ -18,16 +18,25 @@ import (
 // handler cannot see: a backend that is unreachable or never greets, a session
 // that falls silent, a backend that goes away.
 func (h *Handler) relay(cx *layer4.Connection, tlsConn *tls.Conn, next layer4.Handler, greeted bool) error {
-	c := &relayConn{Conn: tlsConn, h: h, remote: cx.RemoteAddr().String()}
+	c := &relayConn{Conn: tlsConn, h: h, remote: cx.RemoteAddr().String(), greeting: make(chan struct{})}
 	c.filter.swallowGreeting = greeted
+	if !greeted {
+		// with implicit TLS the client waits for the backend's greeting
+		// itself, and a client that talks first is the backend's to judge
+		c.greetingSeen()
+	}
+	// wrap first: the timers write to the client through cx, and Wrap
+	// reads cx's counters
+	wrapped := cx.Wrap(c)
 	c.touch()
 	c.backendTimer = time.AfterFunc(h.backend, c.backendTimeout)
 	c.idleTimer = time.AfterFunc(h.idle, c.idleCheck)
 
-	err := next.Handle(cx.Wrap(c))
+	err := next.Handle(wrapped)
 
 	c.backendTimer.Stop()
 	c.idleTimer.Stop()
+	defer c.greetingSeen()
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if !c.filter.greetingDone() {
@@ -59,6 +68,11 @@ type relayConn struct {
 	filter replyFilter
 	out    []byte
 
+	// greeting is closed once the backend has greeted, or the session is
+	// over: until then the client's bytes are held back (STARTTLS mode)
+	greeting     chan struct{}
+	greetingOnce sync.Once
+
 	closed       atomic.Bool // the edge has ended the session; later writes are dropped
 	clientEOF    atomic.Bool
 	lastActive   atomic.Int64 // unix nanoseconds of the last byte either way
@@ -66,8 +80,14 @@ type relayConn struct {
 	idleTimer    *time.Timer
 }
 
-// Read passes client bytes on to the next handler as they are.
+// Read passes client bytes on to the next handler as they are, but not
+// before the backend has greeted: in STARTTLS mode the client, greeted by
+// the edge already, sends EHLO right after the handshake, and a backend that
+// gets it before its own greeting sees a client that pipelines without
+// permission (Postfix logs "improper command pipelining after CONNECT", and
+// since 3.9 refuses the session).
 func (c *relayConn) Read(p []byte) (int, error) {
+	<-c.greeting
 	n, err := c.Conn.Read(p)
 	if n > 0 {
 		c.touch()
@@ -91,6 +111,7 @@ func (c *relayConn) Write(p []byte) (int, error) {
 	c.out = c.filter.process(c.out[:0], p)
 	if !greeted && c.filter.greetingDone() {
 		c.backendTimer.Stop()
+		defer c.greetingSeen() // after the greeting's answer is written
 	}
 	if len(c.out) > 0 {
 		if _, err := c.Conn.Write(c.out); err != nil {
@@ -132,6 +153,7 @@ func (c *relayConn) CloseWrite() error {
 		c.finalReply(c.h.replies.backendGone)
 	}
 	c.closed.Store(true)
+	c.greetingSeen()
 	return c.Conn.Close()
 }
 
@@ -148,6 +170,7 @@ func (c *relayConn) backendTimeout() {
 		zap.Duration("timeout", c.h.backend))
 	c.finalReply(c.h.replies.backendUnavailable)
 	c.closed.Store(true)
+	c.greetingSeen()
 	_ = c.Conn.Close()
 }
 
@@ -183,6 +206,9 @@ func (c *relayConn) finalReply(reply []byte) {
 	_ = c.Conn.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
 	_, _ = c.Conn.Write(reply)
 }
+
+// greetingSeen lets the client's bytes through.
+func (c *relayConn) greetingSeen() { c.greetingOnce.Do(func() { close(c.greeting) }) }
 
 func (c *relayConn) touch() { c.lastActive.Store(time.Now().UnixNano()) }
 

@@ -1,0 +1,371 @@
+package integration
+
+import (
+	"encoding/base64"
+	"fmt"
+	"net"
+	"net/smtp"
+	"net/textproto"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The Postfix backend: a real Postfix (started by the test as root from a
+// configuration directory it writes) behind the edge, with the listener of
+// examples/postfix/master.cf (PROXY protocol, AUTH without TLS, SASL-only
+// relaying), main.cf's Dovecot SASL, and examples/postfix/dovecot.conf for a
+// private auth-only Dovecot. Postfix relays every accepted message to a
+// go-smtp sink in this process, where the test reads it back.
+
+const (
+	postfixUser     = "alice"
+	postfixPassword = "secret"
+	// clientIP is the loopback address the clients connect to the edge
+	// from: Postfix must see it, not the edge's 127.0.0.1.
+	clientIP = "127.0.0.7"
+)
+
+// postfixListener is an edge listener and the PROXY protocol version its
+// proxy sends to Postfix.
+type postfixListener struct {
+	listener
+	proxyProtocol string // "v1" or "v2"
+}
+
+type postfixEnv struct {
+	proc      *caddyProc
+	postfix   *postfixInstance
+	dovecot   *dovecotAuth
+	sink      *mtaSink
+	listeners []postfixListener
+}
+
+// startPostfixEnv starts the sink, Postfix and Dovecot from the examples,
+// and one caddy with four edges into Postfix: implicit TLS and STARTTLS,
+// each with PROXY v1 and v2.
+func startPostfixEnv(t *testing.T) *postfixEnv {
+	t.Helper()
+	requireRootMTA(t, map[string]string{"postfix": "postfix", "dovecot": "dovecot-core"})
+
+	dir := mtaTempDir(t)
+	env := &postfixEnv{sink: startMTASink(t)}
+	postfixAddr := freeAddr(t)
+	queueDir := filepath.Join(dir, "queue")
+	env.postfix = startPostfix(t, dir, postfixConfig{
+		mainCF: readExample(t, "postfix/main.cf", nil),
+		masterCF: readExample(t, "postfix/master.cf", map[string]string{
+			"127.0.0.1:10587": postfixAddr,
+		}),
+		listen: postfixAddr,
+		relay:  env.sink.addr,
+	})
+	// Dovecot's socket is in Postfix's queue directory, which postfix
+	// start has created
+	env.dovecot = startDovecotAuth(t, filepath.Join(dir, "dovecot"),
+		map[string]string{postfixUser: postfixPassword},
+		readExample(t, "postfix/dovecot.conf", map[string]string{
+			"/var/spool/postfix": queueDir,
+		}),
+		filepath.Join(queueDir, "private", "auth"))
+	// Postfix goes first: Dovecot waits for its SASL clients (Postfix's
+	// idle smtpd processes) before it exits
+	t.Cleanup(func() { env.postfix.stop(t) })
+
+	env.proc = startCaddy(t, func() caddySetup {
+		env.listeners = []postfixListener{
+			{listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}, "v2"},
+			{listener{name: "submission", mode: startTLS, addr: freeAddr(t)}, "v2"},
+			{listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}, "v1"},
+			{listener{name: "submission", mode: startTLS, addr: freeAddr(t)}, "v1"},
+		}
+		var servers strings.Builder
+		var addrs []string
+		for _, l := range env.listeners {
+			implicit := ""
+			if l.mode == implicitTLS {
+				implicit = " {\n\t\t\t\t\timplicit_tls\n\t\t\t\t}"
+			}
+			fmt.Fprintf(&servers, `
+		%s {
+			route {
+				smtp %s%s
+				proxy %s {
+					proxy_protocol %s
+				}
+			}
+		}`, l.addr, firstHost, implicit, postfixAddr, l.proxyProtocol)
+			addrs = append(addrs, l.addr)
+		}
+		return caddySetup{
+			caddyfile: "{\n\tadmin off\n\tskip_install_trust\n\tdebug\n\n\tlayer4 {" +
+				servers.String() + "\n\t}\n}\n",
+			addrs:     addrs,
+			probe:     env.listeners[0].listener,
+			hostnames: []string{firstHost},
+		}
+	})
+	return env
+}
+
+func (l postfixListener) String() string {
+	return fmt.Sprintf("PROXY %s, %s", l.proxyProtocol, l.mode)
+}
+
+func TestPostfixBehindEdge(t *testing.T) {
+	env := startPostfixEnv(t)
+
+	for _, l := range env.listeners {
+		t.Run("client address/"+l.String(), func(t *testing.T) {
+			testPostfixClientAddress(t, env, l)
+		})
+	}
+	for _, l := range env.listeners[:2] {
+		t.Run("AUTH LOGIN/"+l.mode.String(), func(t *testing.T) {
+			testPostfixAuthLogin(t, env, l)
+		})
+	}
+	t.Run("no AUTH before TLS", func(t *testing.T) {
+		testPostfixNoAuthBeforeTLS(t, env, env.listeners[1])
+	})
+	t.Run("no relay without AUTH from the edge's address", func(t *testing.T) {
+		testPostfixNoRelayWithoutAuth(t, env, env.listeners[0])
+	})
+	for i, c := range []struct{ ip, mech string }{
+		{"127.0.0.11", "PLAIN"}, {"127.0.0.12", "LOGIN"}, // implicit TLS
+		{"127.0.0.13", "PLAIN"}, {"127.0.0.14", "LOGIN"}, // STARTTLS
+	} {
+		l := env.listeners[i/2]
+		t.Run("wrong password/"+c.mech+"/"+l.mode.String(), func(t *testing.T) {
+			testPostfixWrongPassword(t, env, l, c.ip, c.mech)
+		})
+	}
+}
+
+var receivedWith = regexp.MustCompile(`\bwith (ESMTPA|UTF8SMTPA) id `)
+
+var queuedAs = regexp.MustCompile(`queued as ([0-9A-Za-z]+)`)
+
+// sendThroughPostfix authenticates with auth, sends a message with token,
+// and returns Postfix's queue ID for it.
+func sendThroughPostfix(t *testing.T, c *smtp.Client, auth smtp.Auth, token string) string {
+	t.Helper()
+	if ok, mechs := c.Extension("AUTH"); !ok || !strings.Contains(mechs, "PLAIN") || !strings.Contains(mechs, "LOGIN") {
+		t.Fatalf("EHLO after TLS offers AUTH %q (present: %v), want Postfix's PLAIN and LOGIN", mechs, ok)
+	}
+	if err := c.Auth(auth); err != nil {
+		t.Fatalf("AUTH: %v", err)
+	}
+	reply, err := deliverQueued(c, postfixUser+"@example.com", []string{"rcpt@example.com"},
+		testMessage(token, "through the edge into Postfix"))
+	if err != nil {
+		t.Fatalf("delivery: %v", err)
+	}
+	m := queuedAs.FindStringSubmatch(reply)
+	if m == nil {
+		t.Fatalf("the reply to DATA %q names no queue ID", reply)
+	}
+	if err := c.Quit(); err != nil {
+		t.Errorf("QUIT: %v", err)
+	}
+	return m[1]
+}
+
+// checkPostfixSession finds the log line of queueID's client and SASL
+// login, and the "connect from" line of the same session (the last one of
+// the same smtpd process before it), and checks that both name the client's
+// address.
+func checkPostfixSession(t *testing.T, env *postfixEnv, queueID, method string) {
+	t.Helper()
+	want := "unknown[" + clientIP + "]"
+	re := regexp.MustCompile(`postfix(?:/[\w.-]+)*/smtpd\[(\d+)\]: ` + queueID +
+		`: client=([^,]+), sasl_method=(\w+), sasl_username=(\S+)`)
+	m := env.postfix.log.wait(t, re)
+	pid, client, gotMethod, user := m[1], m[2], m[3], m[4]
+	if client != want || gotMethod != method || user != postfixUser {
+		t.Errorf("Postfix logged %q, want client=%s, sasl_method=%s, sasl_username=%s", m[0], want, method, postfixUser)
+	}
+
+	connectRE := regexp.MustCompile(`postfix(?:/[\w.-]+)*/smtpd\[` + pid + `\]: connect from (\S+)$`)
+	var connect string
+	for _, line := range env.postfix.log.lines() {
+		if c := connectRE.FindStringSubmatch(line); c != nil {
+			connect = c[1]
+		}
+		if re.MatchString(line) {
+			break
+		}
+	}
+	if connect != want {
+		t.Errorf("Postfix's smtpd[%s] logged the session's connection as %q, want \"connect from %s\"; log:\n%s",
+			pid, connect, want, env.postfix.log.tail())
+	}
+}
+
+// checkReceived checks the Received: header Postfix added to the message
+// that reached the sink.
+func checkReceived(t *testing.T, env *postfixEnv, token, queueID string) {
+	t.Helper()
+	msg := env.sink.wait(t, token)
+	received := messageHeader(t, msg).Values("Received")
+	if len(received) == 0 {
+		t.Fatalf("the relayed message has no Received: header:\n%s", msg)
+	}
+	// the topmost one is Postfix's, for the session with the client
+	r := received[0]
+	if !strings.Contains(r, "("+"unknown ["+clientIP+"])") || !strings.Contains(r, " id "+queueID) {
+		t.Errorf("Received: %q, want Postfix's line for queue ID %s from [%s]", r, queueID, clientIP)
+	}
+	if strings.Contains(r, "127.0.0.1") {
+		t.Errorf("Received: %q names the edge's address", r)
+	}
+	// ESMTPA or UTF8SMTPA: Postfix saw AUTH but no TLS (that would be
+	// ESMTPSA): the edge terminated it
+	if !receivedWith.MatchString(r) {
+		t.Errorf("Received: %q, want \"with ESMTPA\" or \"with UTF8SMTPA\"", r)
+	}
+}
+
+// testPostfixClientAddress: a client from 127.0.0.7 authenticates with AUTH
+// PLAIN through the edge and sends a message; Postfix logs the session as
+// from 127.0.0.7 and writes 127.0.0.7 into the Received: header.
+func testPostfixClientAddress(t *testing.T, env *postfixEnv, l postfixListener) {
+	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), clientIP)
+	token := uniqueToken(t)
+	queueID := sendThroughPostfix(t, c, smtp.PlainAuth("", postfixUser, postfixPassword, firstHost), token)
+	checkReceived(t, env, token, queueID)
+	checkPostfixSession(t, env, queueID, "PLAIN")
+}
+
+// testPostfixAuthLogin: AUTH LOGIN after TLS, answered by Postfix (through
+// Dovecot), and the message goes out.
+func testPostfixAuthLogin(t *testing.T, env *postfixEnv, l postfixListener) {
+	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), clientIP)
+	token := uniqueToken(t)
+	queueID := sendThroughPostfix(t, c, loginAuth{postfixUser, postfixPassword}, token)
+	checkReceived(t, env, token, queueID)
+	checkPostfixSession(t, env, queueID, "LOGIN")
+}
+
+// testPostfixWrongPassword: a wrong password gets Postfix's 535 through the
+// edge, after Dovecot really checked it (its log says so, with the client's
+// address), and the session goes on. Each attempt comes from an address of
+// its own: Dovecot delays further logins from an address with failed ones
+// (its auth penalty, seconds), which would only slow the test down.
+func testPostfixWrongPassword(t *testing.T, env *postfixEnv, l postfixListener, ip, mech string) {
+	mismatch := regexp.MustCompile(`passwd-file\(` + postfixUser + `,` + regexp.QuoteMeta(ip) + `[,)].*Password mismatch`)
+	b64 := base64.StdEncoding.EncodeToString
+	steps := []string{"AUTH PLAIN " + b64([]byte("\x00"+postfixUser+"\x00wrong"))}
+	if mech == "LOGIN" {
+		steps = []string{"AUTH LOGIN", b64([]byte(postfixUser)), b64([]byte("wrong"))}
+	}
+	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), ip)
+	code, msg := authSteps(t, c.Text, steps)
+	if code != 535 || !strings.Contains(msg, "authentication failed") {
+		t.Fatalf("AUTH %s with a wrong password: %d %s, want Postfix's 535 ... authentication failed", mech, code, msg)
+	}
+	env.dovecot.log.wait(t, mismatch)
+	if err := c.Noop(); err != nil {
+		t.Fatalf("NOOP after the failed login: %v", err)
+	}
+	if err := c.Quit(); err != nil {
+		t.Errorf("QUIT: %v", err)
+	}
+}
+
+// authSteps sends an AUTH command and then each further line after a 334
+// challenge, and returns the final reply.
+func authSteps(t *testing.T, tp *textproto.Conn, steps []string) (int, string) {
+	t.Helper()
+	for i, line := range steps {
+		id, err := tp.Cmd("%s", line)
+		if err != nil {
+			t.Fatalf("sending %q: %v", line, err)
+		}
+		tp.StartResponse(id)
+		code, msg, err := tp.ReadResponse(0)
+		tp.EndResponse(id)
+		if err != nil {
+			t.Fatalf("reply to %q: %v", line, err)
+		}
+		if code != 334 || i == len(steps)-1 {
+			return code, msg
+		}
+	}
+	return 0, ""
+}
+
+// testPostfixNoAuthBeforeTLS: before STARTTLS the edge offers no AUTH and
+// answers AUTH with 530; Postfix and Dovecot never hear of the session. The
+// pre-TLS client uses its own address (127.0.0.9); a later session from
+// 127.0.0.10 marks the point in Postfix's log by which the first would have
+// been logged.
+func testPostfixNoAuthBeforeTLS(t *testing.T, env *postfixEnv, l postfixListener) {
+	const preTLSIP, markerIP = "127.0.0.9", "127.0.0.10"
+	d := net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(preTLSIP)}}
+	conn, err := d.Dial("tcp", l.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(ioTimeout))
+	tp := textproto.NewConn(conn)
+	if _, _, err := tp.ReadResponse(220); err != nil {
+		t.Fatalf("greeting: %v", err)
+	}
+	id, _ := tp.Cmd("EHLO client.localhost")
+	tp.StartResponse(id)
+	_, msg, err := tp.ReadResponse(250)
+	tp.EndResponse(id)
+	if err != nil {
+		t.Fatalf("EHLO: %v", err)
+	}
+	if hasExtension(strings.Split(msg, "\n"), "AUTH") {
+		t.Errorf("EHLO before TLS offers AUTH:\n%s", msg)
+	}
+	plain := base64.StdEncoding.EncodeToString([]byte("\x00" + postfixUser + "\x00" + postfixPassword))
+	for _, cmd := range []string{"AUTH PLAIN " + plain, "AUTH LOGIN"} {
+		id, _ := tp.Cmd("%s", cmd)
+		tp.StartResponse(id)
+		code, msg, err := tp.ReadResponse(530)
+		tp.EndResponse(id)
+		if err != nil {
+			t.Errorf("%s before TLS: %d %s (%v), want 530", strings.Fields(cmd)[1], code, msg, err)
+		}
+	}
+	id, _ = tp.Cmd("QUIT")
+	tp.StartResponse(id)
+	_, _, _ = tp.ReadResponse(221)
+	tp.EndResponse(id)
+	conn.Close()
+
+	// a TLS session after it, which Postfix logs
+	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), markerIP)
+	if err := c.Noop(); err != nil {
+		t.Fatalf("NOOP: %v", err)
+	}
+	env.postfix.log.wait(t, regexp.MustCompile(`connect from unknown\[`+regexp.QuoteMeta(markerIP)+`\]`))
+	if env.postfix.log.contains("[" + preTLSIP + "]") {
+		t.Errorf("Postfix saw the session that never started TLS; log:\n%s", env.postfix.log.tail())
+	}
+	if env.dovecot.log.contains(preTLSIP) {
+		t.Errorf("Dovecot saw the AUTH sent before TLS; log:\n%s", env.dovecot.log.tail())
+	}
+}
+
+// testPostfixNoRelayWithoutAuth: a client without AUTH, connecting from the
+// edge's own address 127.0.0.1 (in Postfix's default mynetworks), cannot
+// relay: the example's listener trusts SASL only, never the network.
+func testPostfixNoRelayWithoutAuth(t *testing.T, env *postfixEnv, l postfixListener) {
+	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), "127.0.0.1")
+	if err := c.Mail("anyone@example.com"); err != nil {
+		t.Fatalf("MAIL: %v", err)
+	}
+	err := c.Rcpt("rcpt@example.net")
+	if code := replyCode(err); code < 500 || code > 599 {
+		t.Fatalf("RCPT without AUTH: %v, want a 5xx refusal", err)
+	}
+	t.Logf("RCPT without AUTH: %v", err)
+}
