@@ -160,12 +160,7 @@ func TestAttacks(t *testing.T) {
 
 		t.Run("ClientHello to the STARTTLS port", func(t *testing.T) {
 			t.Parallel()
-			conn, err := net.DialTimeout("tcp", env.guarded.addr, 10*time.Second)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			_ = conn.SetDeadline(time.Now().Add(ioTimeout))
+			conn := dialRaw(t, env.guarded.addr)
 			if err := tls.Client(conn, env.proc.tlsConfig(firstHost)).Handshake(); err == nil {
 				t.Fatal("a TLS handshake succeeded on the STARTTLS port without STARTTLS")
 			}
@@ -173,12 +168,7 @@ func TestAttacks(t *testing.T) {
 
 		t.Run("plaintext to the implicit TLS port", func(t *testing.T) {
 			t.Parallel()
-			conn, err := net.DialTimeout("tcp", env.implicit.addr, 10*time.Second)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			_ = conn.SetDeadline(time.Now().Add(ioTimeout))
+			conn := dialRaw(t, env.implicit.addr)
 			io.WriteString(conn, "EHLO client.localhost\r\n")
 			rest := readUntilClosed(t, conn)
 			if strings.Contains(rest, "250") || strings.Contains(rest, "220") {
@@ -226,12 +216,7 @@ func TestAttacks(t *testing.T) {
 		})
 		t.Run("stalled implicit TLS handshake", func(t *testing.T) {
 			t.Parallel()
-			conn, err := net.DialTimeout("tcp", env.implicit.addr, 10*time.Second)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			_ = conn.SetDeadline(time.Now().Add(ioTimeout))
+			conn := dialRaw(t, env.implicit.addr)
 			if rest := readUntilClosed(t, conn); rest != "" {
 				t.Errorf("got %q before the close", rest)
 			}
@@ -262,15 +247,23 @@ func TestAttacks(t *testing.T) {
 	}
 }
 
-// dialPlain connects to a STARTTLS listener and reads the greeting.
-func dialPlain(t *testing.T, l listener) (net.Conn, *unbufferedLineReader) {
+// dialRaw connects to addr, with a deadline of ioTimeout; the connection is
+// closed at the end of the test.
+func dialRaw(t *testing.T, addr string) net.Conn {
 	t.Helper()
-	conn, err := net.DialTimeout("tcp", l.addr, 10*time.Second)
+	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
 	_ = conn.SetDeadline(time.Now().Add(ioTimeout))
+	return conn
+}
+
+// dialPlain connects to a STARTTLS listener and reads the greeting.
+func dialPlain(t *testing.T, l listener) (net.Conn, *unbufferedLineReader) {
+	t.Helper()
+	conn := dialRaw(t, l.addr)
 	r := &unbufferedLineReader{r: conn}
 	if _, err := r.readReply(220); err != nil {
 		t.Fatalf("greeting: %v", err)

@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/smtp"
 	"os"
@@ -343,13 +342,7 @@ func classify(err error) string {
 // greetingOf returns the greeting line of a new session on l.
 func greetingOf(t *testing.T, l listener) string {
 	t.Helper()
-	conn, err := net.DialTimeout("tcp", l.addr, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(ioTimeout))
-	line, err := (&unbufferedLineReader{r: conn}).readLine()
+	line, err := (&unbufferedLineReader{r: dialRaw(t, l.addr)}).readLine()
 	if err != nil {
 		t.Fatalf("greeting: %v", err)
 	}
