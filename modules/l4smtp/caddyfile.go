@@ -21,6 +21,7 @@ import (
 //			backend   <duration>
 //			idle      <duration>
 //			pregreet  <duration>
+//			shutdown  <duration>
 //		}
 //		max_errors <n>
 //		max_connections <n>
@@ -147,8 +148,10 @@ func (t *Timeouts) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			field = &t.Idle
 		case "pregreet":
 			field = &t.Pregreet
+		case "shutdown":
+			field = &t.Shutdown
 		default:
-			return d.Errf("unknown smtp timeout '%s' (want command, handshake, backend, idle or pregreet)", name)
+			return d.Errf("unknown smtp timeout '%s' (want command, handshake, backend, idle, pregreet or shutdown)", name)
 		}
 		if seen[name] {
 			return d.Errf("duplicate smtp timeout '%s'", name)

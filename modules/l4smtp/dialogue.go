@@ -31,6 +31,7 @@ type replies struct {
 	backendUnavailable []byte
 	backendGone        []byte
 	tooManyConns       []byte
+	shuttingDown       []byte
 }
 
 func newReplies(host string) replies {
@@ -43,6 +44,7 @@ func newReplies(host string) replies {
 		backendUnavailable: []byte("421 4.4.1 " + host + " Service not available, closing transmission channel\r\n"),
 		backendGone:        []byte("421 4.4.2 " + host + " Connection to the mail server lost, closing transmission channel\r\n"),
 		tooManyConns:       []byte("421 4.7.0 " + host + " Too many connections, try again later\r\n"),
+		shuttingDown:       []byte("421 4.3.2 " + host + " Service shutting down, closing transmission channel\r\n"),
 	}
 }
 
@@ -67,14 +69,20 @@ var (
 // It returns the connection to run the TLS handshake on, or nil when the
 // session is over (QUIT, timeout, too many errors, an injection attempt, or
 // the client went away).
-func (h *Handler) plaintextDialogue(cx *layer4.Connection) net.Conn {
-	s := dialogue{h: h, cx: cx, in: newLineReader(cx)}
+func (h *Handler) plaintextDialogue(cx *layer4.Connection, sess *session) net.Conn {
+	s := &dialogue{h: h, cx: cx, sess: sess, in: newLineReader(cx)}
+	defer sess.enter(nil)
+	if sess.enter(s) {
+		s.shutDown()
+		return nil
+	}
 	return s.run()
 }
 
 type dialogue struct {
 	h      *Handler
 	cx     *layer4.Connection
+	sess   *session
 	in     *lineReader
 	errors int
 }
@@ -86,8 +94,17 @@ func (s *dialogue) run() net.Conn {
 	}
 	for {
 		_ = s.cx.SetDeadline(time.Now().Add(h.command))
+		// after the deadline is set: drain's wake-up cannot be undone
+		if s.sess.isDraining() {
+			s.shutDown()
+			return nil
+		}
 		line, tooLong, err := s.in.readLine()
 		if err != nil {
+			if s.sess.isDraining() {
+				s.shutDown()
+				return nil
+			}
 			s.readFailed(err)
 			return nil
 		}
@@ -178,6 +195,9 @@ func (s *dialogue) greet() bool {
 // TLS. The first byte after the 220 must open a TLS handshake record; it is
 // handed to the handshake ahead of the rest of the connection.
 func (s *dialogue) startTLS() net.Conn {
+	// the client is told to start TLS: a shutdown now waits for the
+	// handshake and tells it inside TLS
+	s.sess.enter(nil)
 	if s.in.buffered() > 0 || len(s.cx.MatchingBytes()) > 0 {
 		s.injection("command pipelined after STARTTLS")
 		s.finalReply(s.h.replies.protocolError)
@@ -200,6 +220,19 @@ func (s *dialogue) startTLS() net.Conn {
 		return nil
 	}
 	return &prefixedConn{Conn: s.cx, prefix: first[:]}
+}
+
+// drain wakes the dialogue from its wait for a command, to end it: there is
+// never a transaction before TLS.
+func (s *dialogue) drain() { _ = s.cx.SetReadDeadline(time.Unix(1, 0)) }
+
+// expire closes a dialogue that drain did not end (one stuck in a write).
+func (s *dialogue) expire() { _ = s.cx.Close() }
+
+// shutDown ends the dialogue for shutdown.
+func (s *dialogue) shutDown() {
+	s.h.logger.Debug("ending session for shutdown", zap.String("remote", s.cx.RemoteAddr().String()))
+	s.finalReply(s.h.replies.shuttingDown)
 }
 
 func (s *dialogue) injection(what string) {
@@ -305,3 +338,6 @@ func (lr *lineReader) readLine() (line []byte, tooLong bool, err error) {
 		}
 	}
 }
+
+// Interface guards
+var _ phase = (*dialogue)(nil)

@@ -47,6 +47,10 @@ func init() {
 // CHUNKING, SMTPUTF8, AUTH, ...) and nothing it must not use. A backend that
 // cannot be reached or does not greet in time gets the client a 421.
 //
+// When Caddy exits, sessions between mail transactions get "421 4.3.2" and
+// are closed, and sessions in a transaction get it as soon as the
+// transaction is over, within the shutdown timeout (see shutdown.go).
+//
 // Every hostname gets a certificate from Caddy's TLS app, with the Caddyfile's
 // global TLS options; internal names (localhost, *.localhost, *.internal, IP
 // addresses) get one from Caddy's local CA.
@@ -130,6 +134,7 @@ type Handler struct {
 	handshake time.Duration
 	backend   time.Duration
 	idle      time.Duration
+	shutdown  time.Duration
 	maxErrors int
 	pregreet  time.Duration // zero unless early_talker is reject
 	limits    *connLimits
@@ -160,6 +165,15 @@ type Timeouts struct {
 	// direction before it is closed. RFC 5321 asks servers to wait up to 10
 	// minutes for the reply to the end of a message. Default: 10m.
 	Idle caddy.Duration `json:"idle,omitempty"`
+
+	// When Caddy exits (caddy stop, SIGTERM, SIGINT): how long a session in
+	// the middle of a mail transaction may go on to finish it. Sessions
+	// between transactions get "421 4.3.2" at once, and a session in a
+	// transaction as soon as the transaction is over; at the end of this
+	// time every session left gets it. A reload does not end sessions.
+	// Keep it below the time a service manager waits before it kills Caddy
+	// (systemd's TimeoutStopSec, 5s in Caddy's own unit file). Default: 30s.
+	Shutdown caddy.Duration `json:"shutdown,omitempty"`
 }
 
 const (
@@ -170,6 +184,7 @@ const (
 	defaultIdle      = 10 * time.Minute
 	defaultMaxErrors = 5
 	defaultPregreet  = time.Second
+	defaultShutdown  = 30 * time.Second
 )
 
 // CaddyModule returns the Caddy module information.
@@ -224,7 +239,7 @@ func (h *Handler) setup() ([]string, error) {
 	for what, d := range map[string]caddy.Duration{
 		"command": h.Timeouts.Command, "handshake": h.Timeouts.Handshake,
 		"backend": h.Timeouts.Backend, "idle": h.Timeouts.Idle,
-		"pregreet": h.Timeouts.Pregreet,
+		"pregreet": h.Timeouts.Pregreet, "shutdown": h.Timeouts.Shutdown,
 	} {
 		if d < 0 {
 			return nil, fmt.Errorf("smtp: timeouts: %s must not be negative, got %s", what, time.Duration(d))
@@ -234,6 +249,7 @@ func (h *Handler) setup() ([]string, error) {
 	h.handshake = durationOr(h.Timeouts.Handshake, defaultHandshake)
 	h.backend = durationOr(h.Timeouts.Backend, defaultBackend)
 	h.idle = durationOr(h.Timeouts.Idle, defaultIdle)
+	h.shutdown = durationOr(h.Timeouts.Shutdown, defaultShutdown)
 
 	if h.MaxConnections < 0 || h.MaxConnectionsPerIP < 0 {
 		return nil, fmt.Errorf("smtp: connection limits must not be negative, got max_connections %d, max_connections_per_ip %d",
@@ -266,6 +282,17 @@ func (h *Handler) setup() ([]string, error) {
 
 // Handle runs the SMTP edge on one client connection.
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
+	sess := liveSessions.add(h, cx)
+	if sess == nil {
+		// accepted as the process began to shut down
+		if !h.ImplicitTLS {
+			_ = cx.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
+			_, _ = cx.Write(h.replies.shuttingDown)
+		}
+		return nil
+	}
+	defer liveSessions.remove(sess)
+
 	if limit := h.limits.acquire(cx.RemoteAddr()); limit != limitNone {
 		h.logger.Warn("connection limit reached; turning the client away",
 			zap.String("remote", cx.RemoteAddr().String()),
@@ -281,10 +308,10 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 		if tlsConn == nil {
 			return nil
 		}
-		return h.relay(cx, tlsConn, next, false)
+		return h.relay(cx, sess, tlsConn, next, false)
 	}
 
-	handshakeConn := h.plaintextDialogue(cx)
+	handshakeConn := h.plaintextDialogue(cx, sess)
 	if handshakeConn == nil {
 		return nil
 	}
@@ -292,7 +319,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	if tlsConn == nil {
 		return nil
 	}
-	return h.relay(cx, tlsConn, next, true)
+	return h.relay(cx, sess, tlsConn, next, true)
 }
 
 // startTLS performs the server handshake over conn (cx itself, or cx behind

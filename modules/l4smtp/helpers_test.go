@@ -133,3 +133,7 @@ func expectClosed(t *testing.T, r io.Reader) {
 func isReset(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "connection reset")
 }
+
+// newTestSession is a session outside the process-wide set, for tests that
+// run one phase of a session.
+func newTestSession(h *Handler, conn net.Conn) *session { return &session{h: h, conn: conn} }

@@ -17,9 +17,18 @@ import (
 // proxy) through a relayConn, and deals with the ends of the session the next
 // handler cannot see: a backend that is unreachable or never greets, a session
 // that falls silent, a backend that goes away.
-func (h *Handler) relay(cx *layer4.Connection, tlsConn *tls.Conn, next layer4.Handler, greeted bool) error {
+func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn, next layer4.Handler, greeted bool) error {
 	c := &relayConn{Conn: tlsConn, h: h, remote: cx.RemoteAddr().String(), greeting: make(chan struct{})}
 	c.filter.swallowGreeting = greeted
+	c.filter.tracker = &c.tracker
+	if sess.enter(c) {
+		// shutting down since before TLS was up: no backend for this one
+		h.logger.Debug("ending session for shutdown", zap.String("remote", c.remote))
+		c.finalReply(h.replies.shuttingDown)
+		_ = tlsConn.Close()
+		return nil
+	}
+	defer sess.enter(nil)
 	if !greeted {
 		// with implicit TLS the client waits for the backend's greeting
 		// itself, and a client that talks first is the backend's to judge
@@ -56,17 +65,25 @@ func (h *Handler) relay(cx *layer4.Connection, tlsConn *tls.Conn, next layer4.Ha
 }
 
 // relayConn is the client's TLS connection as the next handler sees it. Reads
-// (client to backend) pass through untouched and are never buffered or parsed.
-// Writes (backend to client) go through a replyFilter. It also keeps the
-// session's clocks: the backend greeting timeout and the idle timeout.
+// (client to backend) pass through untouched and are never buffered; a
+// transactionTracker watches them go by, for the shutdown. Writes (backend
+// to client) go through a replyFilter. It also keeps the session's clocks:
+// the backend greeting timeout and the idle timeout.
 type relayConn struct {
 	net.Conn // the TLS connection to the client
 	h        *Handler
 	remote   string
 
-	wmu    sync.Mutex // serialises writes to the client and the filter state
-	filter replyFilter
-	out    []byte
+	wmu      sync.Mutex // serialises writes to the client and the filter state
+	filter   replyFilter
+	out      []byte
+	draining bool // the process is shutting down; guarded by wmu
+
+	// tmu guards the tracker, which both directions feed, and orders the
+	// decision to end the session for shutdown (closed is set under it)
+	// before any client byte that comes after it: such bytes are dropped.
+	tmu     sync.Mutex
+	tracker transactionTracker
 
 	// greeting is closed once the backend has greeted, or the session is
 	// over: until then the client's bytes are held back (STARTTLS mode)
@@ -91,6 +108,15 @@ func (c *relayConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
 	if n > 0 {
 		c.touch()
+		c.tmu.Lock()
+		if c.closed.Load() {
+			// the session was ended (for shutdown, between
+			// transactions); nothing more may reach the backend
+			c.tmu.Unlock()
+			return 0, net.ErrClosed
+		}
+		c.tracker.client(p[:n])
+		c.tmu.Unlock()
 	}
 	if errors.Is(err, io.EOF) {
 		c.clientEOF.Store(true)
@@ -108,7 +134,9 @@ func (c *relayConn) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	greeted := c.filter.greetingDone()
+	c.tmu.Lock()
 	c.out = c.filter.process(c.out[:0], p)
+	c.tmu.Unlock()
 	if !greeted && c.filter.greetingDone() {
 		c.backendTimer.Stop()
 		defer c.greetingSeen() // after the greeting's answer is written
@@ -125,7 +153,70 @@ func (c *relayConn) Write(p []byte) (int, error) {
 		c.out = nil // do not keep a large buffer for an idle session
 	}
 	c.touch()
+	if c.draining {
+		c.endIfIdle() // the reply that ended a transaction is out
+	}
 	return len(p), nil
+}
+
+// drain ends the session for shutdown as soon as it is between
+// transactions: now, or after the reply that ends the transaction in
+// progress.
+func (c *relayConn) drain() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.draining = true
+	c.endIfIdle()
+}
+
+// endIfIdle sends 421 and closes the session if no transaction is open and
+// nothing the client sent awaits a reply. The caller holds wmu.
+func (c *relayConn) endIfIdle() {
+	if c.closed.Load() {
+		return
+	}
+	c.tmu.Lock()
+	idle := c.tracker.idle()
+	if idle {
+		c.closed.Store(true)
+	}
+	c.tmu.Unlock()
+	if !idle {
+		return
+	}
+	c.h.logger.Debug("ending session for shutdown", zap.String("remote", c.remote))
+	c.finalReply(c.h.replies.shuttingDown)
+	c.greetingSeen()
+	_ = c.Conn.Close()
+}
+
+// expire ends the session when the shutdown timeout is over, in a
+// transaction or not. A message whose content has not all reached the
+// backend is not delivered (the backend never gets its end); one whose end
+// the backend has, may be delivered without the client learning of it, and
+// then again when the client retries.
+func (c *relayConn) expire() {
+	// a write that is stuck on a client which does not read holds the
+	// lock; then there is no way to send a reply, only to close
+	if c.wmu.TryLock() {
+		c.tmu.Lock()
+		wasOpen := !c.closed.Swap(true)
+		awaitingEnd := c.tracker.awaitingEnd()
+		c.tmu.Unlock()
+		if wasOpen {
+			c.h.logger.Warn("shutdown timeout over; ending a session in a transaction",
+				zap.String("remote", c.remote),
+				zap.Duration("timeout", c.h.shutdown),
+				zap.Bool("awaiting_end_of_message_reply", awaitingEnd))
+			c.finalReply(c.h.replies.shuttingDown)
+		}
+		c.wmu.Unlock()
+	}
+	c.tmu.Lock()
+	c.closed.Store(true)
+	c.tmu.Unlock()
+	c.greetingSeen()
+	_ = c.Conn.Close()
 }
 
 // CloseWrite is called by the proxy when the backend has finished sending:
@@ -213,7 +304,10 @@ func (c *relayConn) greetingSeen() { c.greetingOnce.Do(func() { close(c.greeting
 func (c *relayConn) touch() { c.lastActive.Store(time.Now().UnixNano()) }
 
 // Interface guards
-var _ interface {
-	net.Conn
-	CloseWrite() error
-} = (*relayConn)(nil)
+var (
+	_ interface {
+		net.Conn
+		CloseWrite() error
+	} = (*relayConn)(nil)
+	_ phase = (*relayConn)(nil)
+)

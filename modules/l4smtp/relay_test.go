@@ -51,6 +51,12 @@ func (b *backend) finish() {
 // the relay's result.
 func serveRelay(t *testing.T, h *Handler, greeted bool, script func(*backend) error) (*tls.Conn, *bufio.Reader, <-chan error) {
 	t.Helper()
+	return serveRelayIn(t, h, nil, greeted, script)
+}
+
+// serveRelayIn is serveRelay as part of sess (a fresh session if nil).
+func serveRelayIn(t *testing.T, h *Handler, sess *session, greeted bool, script func(*backend) error) (*tls.Conn, *bufio.Reader, <-chan error) {
+	t.Helper()
 	next := layer4.HandlerFunc(func(cx *layer4.Connection) error {
 		return script(&backend{t: t, cx: cx, r: bufio.NewReader(cx)})
 	})
@@ -59,7 +65,10 @@ func serveRelay(t *testing.T, h *Handler, greeted bool, script func(*backend) er
 		if tlsConn == nil {
 			return errors.New("handshake failed")
 		}
-		return h.relay(cx, tlsConn, next, greeted)
+		if sess == nil {
+			sess = newTestSession(h, cx)
+		}
+		return h.relay(cx, sess, tlsConn, next, greeted)
 	})
 	conn := tls.Client(raw, testClientTLS())
 	if err := conn.Handshake(); err != nil {

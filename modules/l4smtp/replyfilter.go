@@ -27,6 +27,7 @@ var hiddenExtensions = [][]byte{[]byte("STARTTLS"), []byte("XCLIENT"), []byte("X
 // Everything else passes unchanged.
 type replyFilter struct {
 	swallowGreeting bool
+	tracker         *transactionTracker // told of every complete reply after the greeting; may be nil
 
 	greeted      bool // the greeting has been seen to its final line
 	keepGreeting bool // the greeting goes to the client
@@ -113,6 +114,9 @@ func (f *replyFilter) line(dst, line []byte, cut bool) ([]byte, bool) {
 		return dst, false
 	}
 
+	if final && f.tracker != nil {
+		f.tracker.reply(code) // dropped or not, it answers a command
+	}
 	if f.dropReply {
 		if final {
 			f.dropReply = false
