@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -22,11 +23,16 @@ import (
 // and thousands of connections, so the README's test command skips it.
 const soakEnv = "SMTP_EDGE_SOAK"
 
+// defaultShutdownTimeout is the smtp handler's default `timeouts shutdown`.
+const defaultShutdownTimeout = 30 * time.Second
+
 // TestSoak holds thousands of idle sessions after TLS, then runs sustained
 // load for a while with config reloads and a backend restart in the middle,
-// and checks the accounting: every message that got 250 was stored exactly
-// once, and a message stored without a 250 is one whose client was told of a
-// failure (it retries). It prints its figures.
+// and ends it by stopping the edge with SIGTERM. It checks the accounting:
+// every message that got 250 was stored exactly once, a message stored
+// without a 250 is one whose client was told of a failure (it retries), and
+// the shutdown ended every session with 421 4.3.2 or refused it. It prints
+// its figures.
 //
 //	SMTP_EDGE_SOAK=1 go test -run TestSoak -v ./integration/
 //
@@ -144,7 +150,9 @@ func TestSoak(t *testing.T) {
 		mu       sync.Mutex
 		accepted = make(map[string]bool)
 		failed   = make(map[string]bool) // messages whose client got no 250
-		outcomes = make(map[string]int)  // by kind, for the figures
+		// messages whose client got no 250 during the shutdown: none may be stored
+		failedInShutdown = make(map[string]bool)
+		outcomes         = make(map[string]int) // by kind, for the figures
 	)
 	// failures are expected only while the backend restarts (and just
 	// after, while the sessions it cut report it); any other failure, such
@@ -155,7 +163,11 @@ func TestSoak(t *testing.T) {
 	// accept queue when a reload closes it are reset by the kernel. That is
 	// a new connection refused (the client retries), not a session cut, so
 	// a reset of a new session around a reload is counted on its own line.
-	var restarting, reloading atomic.Bool
+	//
+	// During the shutdown at the end, sessions must get 421 4.3.2 (between
+	// transactions) and new connections must be refused (or, queued at the
+	// listener's close, reset, as at a reload).
+	var restarting, reloading, shuttingDown atomic.Bool
 	var failuresElsewhere atomic.Int64
 	failure := func(kind string, newSession bool, err error) string {
 		switch {
@@ -163,9 +175,15 @@ func TestSoak(t *testing.T) {
 			return kind
 		case newSession && reloading.Load() && strings.Contains(err.Error(), "connection reset"):
 			return kind + " (a new connection, at a reload's listener swap)"
+		case shuttingDown.Load() && replyCode(err) == 421 && strings.Contains(err.Error(), "4.3.2"):
+			return kind + " 4.3.2 (shutdown)"
+		case shuttingDown.Load() && newSession && errors.Is(err, syscall.ECONNREFUSED):
+			return kind + " (shutdown)"
+		case shuttingDown.Load() && newSession && strings.Contains(err.Error(), "connection reset"):
+			return kind + " (a new connection, at the shutdown's listener close)"
 		}
 		failuresElsewhere.Add(1)
-		return kind + " (not during the backend restart)"
+		return kind + " (not during the backend restart or the shutdown)"
 	}
 	count := func(kind string) {
 		mu.Lock()
@@ -192,6 +210,9 @@ func TestSoak(t *testing.T) {
 				c, err := smtpClientErr(l, cfg)
 				if err != nil {
 					count(failure("session refused or failed before MAIL: "+classify(err), true, err))
+					if shuttingDown.Load() && errors.Is(err, syscall.ECONNREFUSED) {
+						return
+					}
 					continue
 				}
 				for range 3 {
@@ -200,6 +221,7 @@ func TestSoak(t *testing.T) {
 					if err != nil {
 						mu.Lock()
 						failed[token] = true
+						failedInShutdown[token] = shuttingDown.Load()
 						outcomes[failure("message not accepted: "+classify(err), false, err)]++
 						mu.Unlock()
 						break
@@ -252,6 +274,19 @@ func TestSoak(t *testing.T) {
 	time.Sleep(step - time.Second)
 	reload(3)
 	time.Sleep(step)
+
+	// Phase 3: SIGTERM to the edge under load.
+	shuttingDown.Store(true)
+	if err := edge.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	shutdownStart := time.Now()
+	select {
+	case <-edge.exited:
+		fmt.Printf("soak: the edge exited %s after SIGTERM\n", time.Since(shutdownStart).Round(time.Millisecond))
+	case <-time.After(defaultShutdownTimeout + stopTimeout):
+		t.Errorf("the edge did not exit within %s of SIGTERM", defaultShutdownTimeout+stopTimeout)
+	}
 	close(stop)
 	workers.Wait()
 
@@ -268,7 +303,7 @@ func TestSoak(t *testing.T) {
 	// told of a failure for that very message (the backend restart hit it
 	// between storing and replying): the client retries it, which is SMTP's
 	// duplicate window (RFC 5321 section 6.1), not a loss.
-	var lost, duplicated, unconfirmed, unexplained int
+	var lost, duplicated, unconfirmed, unexplained, halfAccepted int
 	for token := range accepted {
 		switch storedTokens[token] {
 		case 0:
@@ -284,6 +319,9 @@ func TestSoak(t *testing.T) {
 			if !failed[token] {
 				unexplained++
 			}
+			if failedInShutdown[token] {
+				halfAccepted++
+			}
 		}
 	}
 
@@ -293,14 +331,14 @@ func TestSoak(t *testing.T) {
 	}
 	sort.Strings(kinds)
 	var b bytes.Buffer
-	fmt.Fprintf(&b, "soak: %s of sustained load, 16 clients, 3 reloads and a backend restart:\n", duration)
+	fmt.Fprintf(&b, "soak: %s of sustained load, 16 clients, 3 reloads, a backend restart, and SIGTERM at the end:\n", duration)
 	for _, kind := range kinds {
 		fmt.Fprintf(&b, "soak:   %-60s %d\n", kind, outcomes[kind])
 	}
 	fmt.Fprintf(&b, "soak:   250 replies %d, .eml files %d, lost %d, duplicated %d, other files %d\n",
 		len(accepted), len(stored), lost, duplicated, len(others))
-	fmt.Fprintf(&b, "soak:   stored although the client got an error for it (it retries) %d, stored with no reply at all %d\n",
-		unconfirmed-unexplained, unexplained)
+	fmt.Fprintf(&b, "soak:   stored although the client got an error for it (it retries) %d, of them in the shutdown %d, stored with no reply at all %d\n",
+		unconfirmed-unexplained, halfAccepted, unexplained)
 	fmt.Print(b.String())
 
 	if lost > 0 || duplicated > 0 {
@@ -309,11 +347,14 @@ func TestSoak(t *testing.T) {
 	if unexplained > 0 {
 		t.Errorf("%d messages were stored without their client getting a 250 or an error", unexplained)
 	}
+	if halfAccepted > 0 {
+		t.Errorf("%d messages were stored although their client got an error during the shutdown", halfAccepted)
+	}
 	if len(others) > 0 {
 		t.Errorf("files other than messages in the sink: %v", others)
 	}
 	if n := failuresElsewhere.Load(); n > 0 {
-		t.Errorf("%d sessions or messages failed outside the backend restart", n)
+		t.Errorf("%d sessions or messages failed outside the backend restart and the shutdown, or failed in the shutdown without 421 4.3.2", n)
 	}
 	if len(accepted) == 0 {
 		t.Error("no message was accepted")
