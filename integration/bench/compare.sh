@@ -1,0 +1,506 @@
+#!/usr/bin/env bash
+# compare.sh: the SMTP edge beside its peers, in one run, on one machine.
+#
+# Starts one Postfix smtp-sink as the backend and, in front of it on their own
+# loopback ports, with the same ECDSA P-256 certificate, TLS 1.2 as the floor:
+#
+#   edge 587 / edge 465      this repository's caddy (./cmd/caddy): smtp + proxy
+#   nginx 587                nginx mail: starttls only, smtp_auth none, auth_http
+#                            answered by nginx's own http block
+#   haproxy 465              HAProxy, mode tcp, bind ... ssl crt
+#   stunnel 587 / 465        stunnel, protocol = smtp (STARTTLS) and plain TLS
+#   caddy-l4 465             plain caddy-l4: tls + proxy
+#   ceiling 587 / 465        integration/bench/ceiling: TLS and SMTP in one Go
+#                            process, no backend hop (what no proxy can beat)
+#   backend (plain)          smtp-sink itself, no TLS: the reference
+#
+# and runs the same loads against each (integration/bench/loadgen), rotating
+# the order of the peers in every case and repeating the cases in rounds, so
+# that a noisy machine affects all of them alike. Prints one table (report):
+# the median over the rounds, each peer's ratio to the edge (587 for STARTTLS,
+# 465 for implicit TLS) and the targets of issue 5.
+#
+# Usage (as root, from anywhere; installs the peers from Debian if missing):
+#
+#   integration/bench/compare.sh [--quick] [--duration 10s] [--rounds 3]
+#                                [--hold 5000] [--out FILE] [--keep] [--profile]
+#
+#   --quick     a smoke run of a few minutes: 3 s per load, one round, 1,000 held sessions
+#   --duration  time per load run (env BENCH_DURATION, default 10s)
+#   --rounds    rounds of the load cases (env BENCH_ROUNDS, default 3)
+#   --hold      sessions to hold open for the memory case (env BENCH_HOLD, default 5000)
+#   --out       also write the table (and the machine) to FILE
+#   --keep      keep the work directory (configs, logs, raw results) and say where
+#   --profile   save CPU profiles of the edge during its c=256 runs in round 1 and a
+#               heap profile while it holds its sessions (implies --keep)
+#
+# Env BENCH_IP (default 127.0.0.2; must be a 127.0.0.x address) and
+# BENCH_PORT_BASE (default 24000) choose where the peers listen: 14 ports from
+# the base. A full run (3 rounds of 10 s) takes about 20 minutes.
+set -euo pipefail
+
+duration=${BENCH_DURATION:-10s}
+rounds=${BENCH_ROUNDS:-3}
+hold_n=${BENCH_HOLD:-5000}
+ip=${BENCH_IP:-127.0.0.2}
+base=${BENCH_PORT_BASE:-24000}
+out_file= keep= profile=
+while [ $# -gt 0 ]; do
+	case $1 in
+	--quick) duration=3s rounds=1 hold_n=1000 ;;
+	--duration) duration=$2; shift ;;
+	--rounds) rounds=$2; shift ;;
+	--hold) hold_n=$2; shift ;;
+	--out) out_file=$(realpath -m "$2"); shift ;;
+	--keep) keep=1 ;;
+	--profile) profile=1 keep=1 ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+	*) echo "compare.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+	esac
+	shift
+done
+case $ip in 127.0.0.[0-9]*) ;; *) echo "compare.sh: BENCH_IP must be a 127.0.0.x address" >&2; exit 2 ;; esac
+[ "$(id -u)" = 0 ] || { echo "compare.sh: run as root (it installs packages and raises limits)" >&2; exit 2; }
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+work=$(mktemp -d /tmp/smtp-bench.XXXXXX)
+chmod 755 "$work"
+bin=$work/bin
+mkdir -p "$bin"
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# Every process we start is a child of this shell: stop them all on exit.
+pids=()
+cleanup() {
+	local rc=$?
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+	if [ -n "$keep" ]; then log "work directory kept: $work"; else rm -rf "$work"; fi
+	exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- packages
+need=()
+command -v nginx >/dev/null || need+=(nginx)
+[ -e /usr/lib/nginx/modules/ngx_mail_module.so ] || need+=(libnginx-mod-mail)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v stunnel4 >/dev/null || need+=(stunnel4)
+command -v smtp-sink >/dev/null || need+=(postfix)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+	log "installing ${need[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# 5,000 held sessions need 10,000 descriptors in a proxy (client and backend)
+# and 5,000 in loadgen and in the sink. Raise the limit as far as we may (a
+# container may cap the hard limit); the peers' own limits below stay under
+# 20,000.
+ulimit -Hn 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge 20000 ] || log "warning: only $(ulimit -n) file descriptors; the hold case may fail"
+
+# ---------------------------------------------------------------- build
+log "building caddy (./cmd/caddy), loadgen, ceiling and report"
+(cd "$repo" && go build -o "$bin/caddy" ./cmd/caddy &&
+	go build -o "$bin/" ./integration/bench/loadgen ./integration/bench/ceiling ./integration/bench/report)
+
+# ---------------------------------------------------------------- certificate
+# One ECDSA P-256 certificate for mail.test, signed by its own CA; every peer
+# serves it, loadgen verifies it against the CA.
+(
+	cd "$work"
+	openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+	openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=smtp bench CA" -out ca.pem \
+		-addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+	openssl ecparam -name prime256v1 -genkey -noout -out key.pem
+	openssl req -new -key key.pem -subj "/CN=mail.test" -out leaf.csr
+	printf '%s\n' "subjectAltName=DNS:mail.test" "basicConstraints=critical,CA:FALSE" \
+		"keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >leaf.ext
+	openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -sha256 \
+		-extfile leaf.ext -out cert.pem 2>/dev/null
+	cat cert.pem key.pem >haproxy.pem
+	chmod 644 key.pem haproxy.pem # nginx and stunnel read them as root; the files live in our temp dir
+) >/dev/null
+
+# ---------------------------------------------------------------- ports
+p_sink=$base
+p_edge465=$((base + 1)) p_edge587=$((base + 2)) p_edge465_admin=$((base + 3)) p_edge587_admin=$((base + 4))
+p_l4=$((base + 5)) p_l4_admin=$((base + 6))
+p_nginx=$((base + 7)) p_nginx_auth=$((base + 8))
+p_haproxy=$((base + 9))
+p_stunnel465=$((base + 10)) p_stunnel587=$((base + 11))
+p_ceiling465=$((base + 12)) p_ceiling587=$((base + 13))
+for p in $(seq "$base" $((base + 13))); do
+	if ss -Hltn "sport = :$p" | grep -q .; then
+		echo "compare.sh: port $p is taken; choose another BENCH_PORT_BASE" >&2
+		exit 1
+	fi
+done
+sink=$ip:$p_sink
+
+# ---------------------------------------------------------------- configs
+# The edge, one caddy per port so that each hold case measures a fresh
+# process. The certificate is loaded from the file (tls app load_files), so
+# the smtp app sees the name covered and obtains nothing. Logging at WARN:
+# no peer logs per session.
+edge_config() { # <listen port> <admin port> <implicit: true|false>
+	cat <<EOF
+{
+  "admin": {"listen": "$ip:$2"},
+  "logging": {"logs": {"default": {"level": "WARN"}}},
+  "storage": {"module": "file_system", "root": "$work/caddy-$1"},
+  "apps": {
+    "tls": {"certificates": {"load_files": [{"certificate": "$work/cert.pem", "key": "$work/key.pem"}]}},
+    "layer4": {"servers": {"smtp": {
+      "listen": ["$ip:$1"],
+      "routes": [{"handle": [
+        {"handler": "smtp", "hostnames": ["mail.test"], "implicit_tls": $3},
+        {"handler": "proxy", "upstreams": [{"dial": ["$sink"]}]}
+      ]}]
+    }}}
+  }
+}
+EOF
+}
+edge_config "$p_edge465" "$p_edge465_admin" true >"$work/edge465.json"
+edge_config "$p_edge587" "$p_edge587_admin" false >"$work/edge587.json"
+
+# Plain caddy-l4, as users run it today for 465: tls + proxy, Caddy's default
+# connection policy (TLS 1.2 minimum) with the same certificate.
+cat >"$work/l4.json" <<EOF
+{
+  "admin": {"listen": "$ip:$p_l4_admin"},
+  "logging": {"logs": {"default": {"level": "WARN"}}},
+  "storage": {"module": "file_system", "root": "$work/caddy-l4"},
+  "apps": {
+    "tls": {"certificates": {"load_files": [{"certificate": "$work/cert.pem", "key": "$work/key.pem"}]}},
+    "layer4": {"servers": {"smtps": {
+      "listen": ["$ip:$p_l4"],
+      "routes": [{"handle": [
+        {"handler": "tls"},
+        {"handler": "proxy", "upstreams": [{"dial": ["$sink"]}]}
+      ]}]
+    }}}
+  }
+}
+EOF
+
+# nginx mail. worker_processes auto = one worker per core, as Go uses every
+# core and HAProxy one thread per core. Connection limits raised for the hold
+# case. smtp_auth none: nginx answers the dialogue itself until RCPT, asks
+# auth_http (its own http block here) for the backend, then connects and
+# replays HELO/MAIL/RCPT: that is nginx's design, measured as it is.
+# xclient off (the edge sends nothing either); proxy_protocol to the backend
+# is off by default. Everything else is nginx's default (ssl_session_tickets on,
+# ssl_session_cache none, tcp_nodelay as nginx mail does it).
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_mail_module.so;
+worker_processes auto;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 9000; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  server {
+    listen $ip:$p_nginx_auth;
+    location = /auth {
+      add_header Auth-Status OK;
+      add_header Auth-Server $ip;
+      add_header Auth-Port $p_sink;
+      return 200;
+    }
+  }
+}
+mail {
+  server_name mail.test;
+  auth_http $ip:$p_nginx_auth/auth;
+  proxy_pass_error_message on;
+  xclient off;
+  server {
+    listen $ip:$p_nginx;
+    protocol smtp;
+    smtp_auth none;
+    starttls only;
+    ssl_certificate $work/cert.pem;
+    ssl_certificate_key $work/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+  }
+}
+EOF
+
+# HAProxy: one process; nbthread is left to its default, one thread per CPU
+# it may run on (2 here), like nginx's workers and Go's GOMAXPROCS.
+cat >"$work/haproxy.cfg" <<EOF
+global
+  maxconn 9000
+  ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+  mode tcp
+  maxconn 9000
+  timeout connect 10s
+  timeout client 10m
+  timeout server 10m
+frontend submissions
+  bind $ip:$p_haproxy ssl crt $work/haproxy.pem
+  default_backend sink
+backend sink
+  server sink $sink
+EOF
+
+# stunnel, one process per port (as for the edge). Debian's stunnel runs a
+# thread per connection. TCP_NODELAY on both sides: Go, HAProxy and nginx
+# set it, stunnel does not by default, and a Nagle stall is not what we
+# compare. protocol = smtp is stunnel's server-side STARTTLS: it greets with
+# the backend's greeting, answers EHLO and STARTTLS itself, and waits 200 ms
+# on each connection first (to tell a client that starts TLS at once).
+stunnel_config() { # <name> <port> [protocol]
+	cat <<EOF
+foreground = yes
+debug = 3
+socket = l:TCP_NODELAY=1
+socket = r:TCP_NODELAY=1
+[$1]
+accept = $ip:$2
+connect = $sink
+cert = $work/cert.pem
+key = $work/key.pem
+sslVersionMin = TLSv1.2
+EOF
+	[ -z "${3:-}" ] || echo "protocol = $3"
+}
+stunnel_config submissions "$p_stunnel465" >"$work/stunnel465.conf"
+stunnel_config submission "$p_stunnel587" smtp >"$work/stunnel587.conf"
+
+# ---------------------------------------------------------------- start
+start() { # <label> <log> <command...>: start in the background, remember the pid
+	local label=$1 logf=$2
+	shift 2
+	"$@" >"$logf" 2>&1 &
+	pids+=($!)
+	PID[$label]=$!
+}
+declare -A PID MODE ADDR
+
+# smtp-sink: -m raises its concurrency limit (default 256) above the held
+# sessions, -t its idle timeout above the hold; 4096 is the listen backlog.
+start "backend (plain)" "$work/sink.log" smtp-sink -u nobody -m 9000 -t 900 "$sink" 4096
+start "edge 465" "$work/edge465.log" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
+	"$bin/caddy" run --config "$work/edge465.json"
+start "edge 587" "$work/edge587.log" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
+	"$bin/caddy" run --config "$work/edge587.json"
+start "caddy-l4 465" "$work/l4.log" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
+	"$bin/caddy" run --config "$work/l4.json"
+start "nginx 587" "$work/nginx.log" nginx -p "$work/nginx" -e "$work/nginx/error.log" -c "$work/nginx/nginx.conf" -g 'daemon off;'
+start "haproxy 465" "$work/haproxy.log" haproxy -db -f "$work/haproxy.cfg"
+start "stunnel 465" "$work/stunnel465.log" stunnel4 "$work/stunnel465.conf"
+start "stunnel 587" "$work/stunnel587.log" stunnel4 "$work/stunnel587.conf"
+start "ceiling 465" "$work/ceiling465.log" "$bin/ceiling" -cert "$work/cert.pem" -key "$work/key.pem" -implicit "$ip:$p_ceiling465"
+start "ceiling 587" "$work/ceiling587.log" "$bin/ceiling" -cert "$work/cert.pem" -key "$work/key.pem" -starttls "$ip:$p_ceiling587"
+
+peer() { MODE[$1]=$2 ADDR[$1]=$ip:$3; }
+peer "backend (plain)" plain "$p_sink"
+peer "edge 587" starttls "$p_edge587"
+peer "nginx 587" starttls "$p_nginx"
+peer "stunnel 587" starttls "$p_stunnel587"
+peer "ceiling 587" starttls "$p_ceiling587"
+peer "edge 465" implicit "$p_edge465"
+peer "haproxy 465" implicit "$p_haproxy"
+peer "stunnel 465" implicit "$p_stunnel465"
+peer "caddy-l4 465" implicit "$p_l4"
+peer "ceiling 465" implicit "$p_ceiling465"
+starttls_peers=("edge 587" "nginx 587" "stunnel 587" "ceiling 587" "backend (plain)")
+implicit_peers=("edge 465" "haproxy 465" "caddy-l4 465" "stunnel 465" "ceiling 465" "backend (plain)")
+all_peers=("edge 587" "edge 465" "nginx 587" "haproxy 465" "caddy-l4 465" "stunnel 587" "stunnel 465"
+	"ceiling 587" "ceiling 465" "backend (plain)")
+
+lg() { "$bin/loadgen" "$1" -json -ca "$work/ca.pem" -servername mail.test "${@:2}" 2>>"$work/loadgen.log"; }
+
+# Wait for every port, then check every peer with one real session.
+for label in "${all_peers[@]}"; do
+	hp=${ADDR[$label]}
+	for i in $(seq 100); do
+		(exec 3<>"/dev/tcp/${hp%:*}/${hp#*:}") 2>/dev/null && break
+		kill -0 "${PID[$label]}" 2>/dev/null || break
+		sleep 0.2
+	done
+	if ! out=$(lg rtt -addr "$hp" -tls "${MODE[$label]}" -n 10); then
+		log "$label on $hp does not work; its log:"
+		tail -n 20 "$work"/*.log "$work/nginx/error.log" >&2 || true
+		exit 1
+	fi
+done
+log "all peers answer; results in $work/results.jsonl"
+
+# ---------------------------------------------------------------- measuring
+results=$work/results.jsonl
+: >"$results"
+
+# resident memory (KiB) of a peer: its process and all descendants (nginx's
+# workers)
+rss() {
+	local total=0 p
+	for p in $(descendants "$1"); do
+		total=$((total + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+	done
+	echo "$total"
+}
+descendants() {
+	echo "$1"
+	local c
+	for c in $(pgrep -P "$1"); do descendants "$c"; done
+}
+
+# the edge listener a peer is compared with
+base_of() { case $1 in *465) echo "edge 465" ;; *) echo "edge 587" ;; esac; }
+
+record() { # <case> <title> <peer> <base> <round> <json fields>
+	printf '{"case":"%s","title":"%s","peer":"%s","base":"%s","round":%d,%s}\n' "$1" "$2" "$3" "$4" "$5" "$6" >>"$results"
+}
+failed() { printf '"failed":"%s"' "$(tail -1 "$work/loadgen.log" | tr -d '"\\' | cut -c1-160)"; }
+
+# rotate <round> <peers...>: the peers, starting at a different one each round
+rotate() {
+	local r=$1
+	shift
+	local n=$# i
+	local a=("$@")
+	for ((i = 0; i < n; i++)); do echo "${a[(i + r) % n]}"; done
+}
+
+settle() { sleep 1; }
+
+# ---- hold: fresh processes (only the check sessions above have run), one
+# peer at a time, N sessions open after TLS; RSS of the peer at N minus
+# before, divided by N.
+log "hold: $hold_n idle sessions after TLS against each peer"
+for label in "${all_peers[@]}"; do
+	pid=${PID[$label]}
+	ready=$work/hold.ready
+	rm -f "$ready"
+	before=$(rss "$pid")
+	"$bin/loadgen" hold -json -ca "$work/ca.pem" -servername mail.test -addr "${ADDR[$label]}" -tls "${MODE[$label]}" \
+		-n "$hold_n" -c 64 -ready-file "$ready" -hold 10m -check >"$work/hold.out" 2>>"$work/loadgen.log" &
+	lgpid=$!
+	for i in $(seq 3000); do
+		[ -e "$ready" ] || ! kill -0 "$lgpid" 2>/dev/null && break
+		sleep 0.1
+	done
+	sleep 2 # let the peer finish its side (backend connections, buffers)
+	after=$(rss "$pid")
+	if [ -n "$profile" ] && [[ $label == edge* ]]; then
+		admin=$p_edge587_admin
+		[ "$label" = "edge 465" ] && admin=$p_edge465_admin
+		curl -s -o "$work/heap-${label// /-}.pprof" "http://$ip:$admin/debug/pprof/heap" || true
+		curl -s -o "$work/goroutine-${label// /-}.txt" "http://$ip:$admin/debug/pprof/goroutine?debug=1" || true
+	fi
+	kill -USR1 "$lgpid" 2>/dev/null || true
+	title="hold $hold_n idle sessions after TLS (EHLO answered), then NOOP on each"
+	if wait "$lgpid" && [ -s "$work/hold.out" ]; then
+		record hold "$title" "$label" "$(base_of "$label")" 1 \
+			"\"result\":$(cat "$work/hold.out"),\"rss_before_kib\":$before,\"rss_after_kib\":$after"
+	else
+		record hold "$title" "$label" "$(base_of "$label")" 1 "$(failed)"
+	fi
+	log "  $label: RSS $before -> $after KiB"
+	sleep 3 # closed sessions wind down before the next peer
+done
+
+# ---- warm-up: one short run against every peer, not recorded
+log "warm-up"
+for label in "${all_peers[@]}"; do
+	lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c 8 -d 1s >/dev/null || true
+done
+
+load_case() { # <case> <title> <base> <round> <concurrency> <peers...>
+	local c=$1 title=$2 base=$3 round=$4 conc=$5 label out
+	shift 5
+	while read -r label; do
+		settle
+		local prof_pid=
+		if [ -n "$profile" ] && [ "$round" = 1 ] && [ "$conc" = 256 ] && [ "$label" = "$base" ]; then
+			local admin=$p_edge587_admin
+			[ "$label" = "edge 465" ] && admin=$p_edge465_admin
+			curl -s -o "$work/cpu-$c.pprof" "http://$ip:$admin/debug/pprof/profile?seconds=5" &
+			prof_pid=$!
+		fi
+		if out=$(lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c "$conc" -d "$duration" -size 4k); then
+			record "$c" "$title" "$label" "$base" "$round" "\"result\":$out"
+		else
+			record "$c" "$title" "$label" "$base" "$round" "$(failed)"
+		fi
+		[ -z "$prof_pid" ] || wait "$prof_pid" || true
+	done < <(rotate "$round" "$@")
+}
+
+# rtt: one session per peer, 2,000 timed NOOPs. On this VM a round trip
+# between two processes costs ~10 µs when they share a CPU and ~65 µs when
+# the wake-up crosses CPUs, and where the scheduler puts them is chance; so
+# the case runs twice, as the processes fall, and with loadgen, the peer's
+# processes (all threads) and the sink pinned to one CPU, where the figure is
+# the CPU work each hop adds.
+all_cpus=0-$(($(nproc) - 1))
+pin() { # <cpus> <pids...>
+	local cpus=$1 p
+	shift
+	for p in "$@"; do
+		for q in $(descendants "$p"); do taskset -a -p -c "$cpus" "$q" >/dev/null 2>&1 || true; done
+	done
+}
+rtt_case() { # <case> <title> <round> <cpu to pin to, or empty>
+	local c=$1 title=$2 round=$3 cpu=$4 label out
+	while read -r label; do
+		settle
+		if [ -n "$cpu" ]; then pin "$cpu" "${PID[$label]}" "${PID[backend (plain)]}"; fi
+		if out=$(${cpu:+taskset -c "$cpu"} "$bin/loadgen" rtt -json -ca "$work/ca.pem" -servername mail.test \
+			-addr "${ADDR[$label]}" -tls "${MODE[$label]}" -n 2000 2>>"$work/loadgen.log"); then
+			record "$c" "$title" "$label" "$(base_of "$label")" "$round" "\"result\":$out"
+		else
+			record "$c" "$title" "$label" "$(base_of "$label")" "$round" "$(failed)"
+		fi
+		if [ -n "$cpu" ]; then pin "$all_cpus" "${PID[$label]}" "${PID[backend (plain)]}"; fi
+	done < <(rotate "$round" "${all_peers[@]}")
+}
+
+for round in $(seq "$rounds"); do
+	log "round $round of $rounds ($duration per load)"
+	load_case starttls-c8 "STARTTLS (587), 4 KiB message, concurrency 8" "edge 587" "$round" 8 "${starttls_peers[@]}"
+	load_case starttls-c256 "STARTTLS (587), 4 KiB message, concurrency 256" "edge 587" "$round" 256 "${starttls_peers[@]}"
+	load_case implicit-c8 "implicit TLS (465), 4 KiB message, concurrency 8" "edge 465" "$round" 8 "${implicit_peers[@]}"
+	load_case implicit-c256 "implicit TLS (465), 4 KiB message, concurrency 256" "edge 465" "$round" 256 "${implicit_peers[@]}"
+	title="one 25 MiB message, DATA to the 250 after the dot (median of 3 in one session)"
+	while read -r label; do
+		settle
+		if out=$(lg bulk -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -size 25m -n 3 -timeout 120s); then
+			record bulk "$title" "$label" "$(base_of "$label")" "$round" "\"result\":$out"
+		else
+			record bulk "$title" "$label" "$(base_of "$label")" "$round" "$(failed)"
+		fi
+	done < <(rotate "$round" "${all_peers[@]}")
+	rtt_case rtt "2,000 NOOP round trips after TLS, inside a transaction (after RCPT)" "$round" ""
+	rtt_case rtt-1cpu "the same with loadgen, peer and sink all pinned to CPU 0" "$round" 0
+done
+
+# ---------------------------------------------------------------- report
+{
+	echo "SMTP edge benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')"
+	echo "machine: nproc $(nproc), $(lscpu | sed -n 's/^Model name: *//p'), $(uname -sr), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
+	lscpu | grep -E '^(CPU\(s\)|Model name|Thread\(s\) per core|Core\(s\) per socket|Hypervisor vendor|L2 cache|L3 cache):' | sed 's/^/  lscpu: /'
+	echo "peers (Debian packages): $(dpkg-query -W -f '${Package} ${Version}, ' nginx libnginx-mod-mail haproxy stunnel4 postfix)$(go version | cut -d' ' -f3)"
+	echo "runs: $duration per load, $rounds round(s), the order of the peers rotated each round; hold $hold_n sessions;"
+	echo "      loadgen shares the CPUs with the peers; no TLS resumption; curves X25519,P256 offered"
+	echo
+	"$bin/report" "$results"
+} | if [ -n "$out_file" ]; then tee "$out_file"; else cat; fi
+if [ -n "$profile" ]; then log "profiles: $work/*.pprof (go tool pprof -top $bin/caddy FILE)"; fi

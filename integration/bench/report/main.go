@@ -1,0 +1,402 @@
+// Command report turns the results compare.sh collects (one JSON record per
+// line: a case, a peer, a round and loadgen's JSON result) into one table:
+// the median over the rounds of each figure, each peer's ratio to the edge,
+// and the targets of issue 5 checked against the figures.
+//
+//	report results.jsonl
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"slices"
+	"strings"
+)
+
+func main() {
+	if len(os.Args) != 2 {
+		fmt.Fprintln(os.Stderr, "usage: report results.jsonl")
+		os.Exit(2)
+	}
+	f, err := os.Open(os.Args[1])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "report:", err)
+		os.Exit(1)
+	}
+	defer f.Close()
+	recs, err := read(f)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "report:", err)
+		os.Exit(1)
+	}
+	write(os.Stdout, summarize(recs))
+}
+
+// record is one line of the results file.
+type record struct {
+	Case   string `json:"case"`  // starttls-c8, implicit-c256, hold, bulk, rtt, ...
+	Title  string `json:"title"` // what the case is, for the table
+	Peer   string `json:"peer"`  // "edge 587", "nginx 587", "backend (plain)", ...
+	Base   string `json:"base"`  // the peer the ratio is taken to
+	Round  int    `json:"round"`
+	Result struct {
+		// run
+		SessionsPerSec float64        `json:"sessions_per_s"`
+		MessagesPerSec float64        `json:"messages_per_s"`
+		P50ms          float64        `json:"p50_ms"`
+		P99ms          float64        `json:"p99_ms"`
+		Errors         int            `json:"errors"`
+		ErrorKinds     map[string]int `json:"error_kinds"`
+		// hold
+		Held   int `json:"held"`
+		NoopOK int `json:"noop_ok"`
+		// bulk
+		MiBPerSec float64 `json:"mib_per_s"`
+		// rtt
+		P50us float64 `json:"p50_us"`
+		P99us float64 `json:"p99_us"`
+
+		Mode string `json:"mode"`
+		TLS  *struct {
+			Version string `json:"version"`
+			Cipher  string `json:"cipher"`
+			Curve   string `json:"curve"`
+		} `json:"tls"`
+	} `json:"result"`
+	// hold: resident memory of the peer's processes, KiB
+	RSSBeforeKiB float64 `json:"rss_before_kib"`
+	RSSAfterKiB  float64 `json:"rss_after_kib"`
+	// a run that produced no result
+	Failed string `json:"failed"`
+}
+
+func read(r io.Reader) ([]record, error) {
+	var recs []record
+	sc := bufio.NewScanner(r)
+	sc.Buffer(nil, 1<<20)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" {
+			continue
+		}
+		var rec record
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			return nil, fmt.Errorf("line %d: %w", n, err)
+		}
+		recs = append(recs, rec)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	if len(recs) == 0 {
+		return nil, errors.New("no results")
+	}
+	return recs, nil
+}
+
+// row is one peer in one case: medians over its rounds.
+type row struct {
+	peer, base string
+	rounds     int
+	failed     []string
+	value      float64 // the case's main figure
+	lo, hi     float64 // its range over the rounds
+	p50, p99   float64 // run: session latency ms; rtt: µs per round trip
+	msgs       float64 // run: messages/s
+	errors     int
+	errorKinds map[string]int
+	held, noop int // hold
+	tls        string
+}
+
+type table struct {
+	cases []string
+	title map[string]string
+	kind  map[string]string // run, hold, bulk, rtt
+	rows  map[string][]*row // by case, in the order the peers first appear
+}
+
+func summarize(recs []record) *table {
+	t := &table{title: map[string]string{}, kind: map[string]string{}, rows: map[string][]*row{}}
+	values := map[*row][][4]float64{} // value, p50, p99, msgs per round
+	for _, rec := range recs {
+		if _, ok := t.title[rec.Case]; !ok {
+			t.cases = append(t.cases, rec.Case)
+			t.title[rec.Case] = rec.Title
+		}
+		i := slices.IndexFunc(t.rows[rec.Case], func(r *row) bool { return r.peer == rec.Peer })
+		if i < 0 {
+			t.rows[rec.Case] = append(t.rows[rec.Case], &row{peer: rec.Peer, base: rec.Base, errorKinds: map[string]int{}})
+			i = len(t.rows[rec.Case]) - 1
+		}
+		r := t.rows[rec.Case][i]
+		r.rounds++
+		if rec.Failed != "" {
+			r.failed = append(r.failed, rec.Failed)
+			continue
+		}
+		res := rec.Result
+		if res.Mode != "" {
+			t.kind[rec.Case] = res.Mode
+		}
+		if res.TLS != nil {
+			r.tls = res.TLS.Version + " " + res.TLS.Cipher + " " + res.TLS.Curve
+		}
+		var v [4]float64
+		switch res.Mode {
+		case "run":
+			v = [4]float64{res.SessionsPerSec, res.P50ms, res.P99ms, res.MessagesPerSec}
+			r.errors += res.Errors
+			for k, n := range res.ErrorKinds {
+				r.errorKinds[k] += n
+			}
+		case "hold":
+			perSession := math.NaN()
+			if res.Held > 0 {
+				perSession = (rec.RSSAfterKiB - rec.RSSBeforeKiB) / float64(res.Held)
+			}
+			v[0] = perSession
+			r.held, r.noop = res.Held, res.NoopOK
+		case "bulk":
+			v[0] = res.MiBPerSec
+		case "rtt":
+			v = [4]float64{res.P50us, res.P50us, res.P99us, 0}
+		}
+		values[r] = append(values[r], v)
+	}
+	for _, c := range t.cases {
+		if t.kind[c] == "" { // every run of the case failed: go by its name
+			t.kind[c] = "run"
+			for _, k := range []string{"hold", "bulk", "rtt"} {
+				if strings.HasPrefix(c, k) {
+					t.kind[c] = k
+				}
+			}
+		}
+	}
+	for _, rows := range t.rows {
+		for _, r := range rows {
+			vs := values[r]
+			if len(vs) == 0 {
+				r.value, r.lo, r.hi, r.p50, r.p99 = math.NaN(), math.NaN(), math.NaN(), math.NaN(), math.NaN()
+				continue
+			}
+			col := func(i int) []float64 {
+				c := make([]float64, len(vs))
+				for j, v := range vs {
+					c[j] = v[i]
+				}
+				return c
+			}
+			r.value, r.lo, r.hi = median(col(0)), slices.Min(col(0)), slices.Max(col(0))
+			r.p50, r.p99, r.msgs = median(col(1)), median(col(2)), median(col(3))
+		}
+	}
+	return t
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+func (t *table) find(c, peer string) *row {
+	for _, r := range t.rows[c] {
+		if r.peer == peer {
+			return r
+		}
+	}
+	return nil
+}
+
+// ratio is a peer's figure divided by its base's (the edge's).
+func (t *table) ratio(c string, r *row) float64 {
+	b := t.find(c, r.base)
+	if b == nil {
+		return math.NaN()
+	}
+	return r.value / b.value
+}
+
+func write(w io.Writer, t *table) {
+	fmt.Fprintf(w, "%-20s %10s %9s %9s %8s %7s %9s  %s\n",
+		"peer", "value", "p50", "p99", "spread", "errors", "peer/edge", "notes")
+	for _, c := range t.cases {
+		kind := t.kind[c]
+		k := kinds[kind]
+		head := fmt.Sprintf("── %s  [%s; %s", t.title[c], k.unit, k.better)
+		if k.latency != "" {
+			head += "; p50/p99 " + k.latency
+		}
+		fmt.Fprintf(w, "%s]\n", head)
+		var backend *row
+		if kind == "rtt" {
+			backend = t.find(c, "backend (plain)")
+		}
+		for _, r := range t.rows[c] {
+			var notes []string
+			if len(r.failed) > 0 {
+				notes = append(notes, fmt.Sprintf("%d of %d rounds failed: %s", len(r.failed), r.rounds, r.failed[0]))
+			}
+			p50, p99 := fmtF(r.p50), fmtF(r.p99)
+			if kind == "hold" || kind == "bulk" {
+				p50, p99 = "", ""
+			}
+			if kind == "hold" {
+				notes = append(notes, fmt.Sprintf("held %d, %d answered NOOP", r.held, r.noop))
+			}
+			if kind == "rtt" && backend != nil && r != backend {
+				notes = append(notes, fmt.Sprintf("adds %+.1f µs p50 to the backend", r.value-backend.value))
+			}
+			if len(r.errorKinds) > 0 {
+				var ks []string
+				for _, k := range sortedKeys(r.errorKinds) {
+					ks = append(ks, fmt.Sprintf("%d× %s", r.errorKinds[k], k))
+				}
+				notes = append(notes, strings.Join(ks, ", "))
+			}
+			spread := ""
+			if r.rounds > 1 && r.value != 0 && !math.IsNaN(r.value) {
+				spread = fmt.Sprintf("±%.0f%%", 50*(r.hi-r.lo)/math.Abs(r.value))
+			}
+			errs := ""
+			if kind == "run" {
+				errs = fmt.Sprint(r.errors)
+			}
+			fmt.Fprintf(w, "  %-18s %10s %9s %9s %8s %7s %9s  %s\n",
+				r.peer, fmtF(r.value), p50, p99, spread, errs, fmtRatio(t.ratio(c, r)), strings.Join(notes, "; "))
+		}
+	}
+	writeTLS(w, t)
+	writeTargets(w, t)
+}
+
+// writeTLS says what TLS each peer negotiated with loadgen.
+func writeTLS(w io.Writer, t *table) {
+	var tlses []string
+	peers := map[string][]string{}
+	for _, c := range t.cases {
+		for _, r := range t.rows[c] {
+			if r.tls == "" || slices.Contains(peers[r.tls], r.peer) {
+				continue
+			}
+			if len(peers[r.tls]) == 0 {
+				tlses = append(tlses, r.tls)
+			}
+			peers[r.tls] = append(peers[r.tls], r.peer)
+		}
+	}
+	if len(tlses) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "\nTLS negotiated:")
+	for _, s := range tlses {
+		fmt.Fprintf(w, "  %s: %s\n", s, strings.Join(peers[s], ", "))
+	}
+}
+
+// kinds describes the main figure of each kind of case.
+var kinds = map[string]struct{ unit, better, latency string }{
+	"run":  {"sessions/s", "higher is better", "per session, ms"},
+	"hold": {"KiB per session (RSS at N minus before, ÷ N)", "lower is better", ""},
+	"bulk": {"MiB/s", "higher is better", ""},
+	"rtt":  {"µs p50 per NOOP", "lower is better", "per NOOP, µs"},
+}
+
+func sortedKeys(m map[string]int) []string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}
+
+func fmtF(v float64) string {
+	switch {
+	case math.IsNaN(v):
+		return "-"
+	case math.Abs(v) >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case math.Abs(v) >= 10:
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+func fmtRatio(v float64) string {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+// writeTargets checks the targets of issue 5.
+func writeTargets(w io.Writer, t *table) {
+	type target struct {
+		what     string
+		c, a, b  string  // case; figure a over figure b (b empty: a alone)
+		min, max float64 // bounds (0: none)
+		added    bool    // rtt: a minus the backend, in µs
+	}
+	targets := []target{
+		{what: "STARTTLS c=256 sessions/s, edge ÷ nginx", c: "starttls-c256", a: "edge 587", b: "nginx 587", min: 1.2},
+		{what: "STARTTLS c=256 sessions/s, edge ÷ ceiling", c: "starttls-c256", a: "edge 587", b: "ceiling 587", min: 0.9},
+		{what: "STARTTLS c=8 sessions/s, edge ÷ nginx", c: "starttls-c8", a: "edge 587", b: "nginx 587", min: 5},
+		{what: "implicit c=256 sessions/s, edge ÷ HAProxy", c: "implicit-c256", a: "edge 465", b: "haproxy 465", min: 1.15},
+		{what: "implicit c=256 sessions/s, edge ÷ caddy-l4", c: "implicit-c256", a: "edge 465", b: "caddy-l4 465", min: 1.0},
+		{what: "implicit c=256 sessions/s, edge ÷ ceiling", c: "implicit-c256", a: "edge 465", b: "ceiling 465", min: 0.9},
+		{what: "memory per idle session after TLS, edge 587 (KiB)", c: "hold", a: "edge 587", max: 48},
+		{what: "memory per idle session after TLS, edge 465 (KiB)", c: "hold", a: "edge 465", max: 48},
+		{what: "25 MiB message MiB/s, edge 465 ÷ caddy-l4", c: "bulk", a: "edge 465", b: "caddy-l4 465", min: 0.9},
+		{what: "25 MiB message MiB/s, edge 587 ÷ caddy-l4", c: "bulk", a: "edge 587", b: "caddy-l4 465", min: 0.9},
+		{what: "p50 µs added per command vs the backend, edge 587", c: "rtt", a: "edge 587", added: true, max: 200},
+		{what: "p50 µs added per command vs the backend, edge 465", c: "rtt", a: "edge 465", added: true, max: 200},
+		{what: "the same, everything on one CPU, edge 587", c: "rtt-1cpu", a: "edge 587", added: true, max: 200},
+		{what: "the same, everything on one CPU, edge 465", c: "rtt-1cpu", a: "edge 465", added: true, max: 200},
+	}
+	fmt.Fprintln(w, "\ntargets of issue 5 (medians of this run):")
+	for _, tg := range targets {
+		a := t.find(tg.c, tg.a)
+		if a == nil || math.IsNaN(a.value) {
+			continue
+		}
+		v, bound := a.value, ""
+		switch {
+		case tg.added:
+			be := t.find(tg.c, "backend (plain)")
+			if be == nil {
+				continue
+			}
+			v -= be.value
+		case tg.b != "":
+			b := t.find(tg.c, tg.b)
+			if b == nil || math.IsNaN(b.value) || b.value == 0 {
+				continue
+			}
+			v /= b.value
+		}
+		ok := true
+		if tg.min != 0 {
+			ok, bound = v >= tg.min, fmt.Sprintf("≥ %g", tg.min)
+		}
+		if tg.max != 0 {
+			ok, bound = v <= tg.max, fmt.Sprintf("≤ %g", tg.max)
+		}
+		verdict := "met"
+		if !ok {
+			verdict = "NOT MET"
+		}
+		fmt.Fprintf(w, "  %-52s %8s  (target %s)  %s\n", tg.what, fmtF(v), bound, verdict)
+	}
+}
