@@ -38,3 +38,26 @@ func BenchmarkCommandReader(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkTransactionTracker runs a session's client bytes after TLS
+// (EHLO, a transaction with 64 KiB of message content, QUIT) and the
+// backend's replies through the tracker, as the relay does for every
+// session for the shutdown.
+func BenchmarkTransactionTracker(b *testing.B) {
+	content := bytes.Repeat([]byte("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do.\r\n"), 1000)
+	commands := []byte("EHLO client.example.com\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+	replies := [][3]byte{{'2', '5', '0'}, {'2', '5', '0'}, {'2', '5', '0'}, {'3', '5', '4'}}
+	b.ReportAllocs()
+	b.SetBytes(int64(len(commands) + len(content) + 3 + 6))
+	for b.Loop() {
+		var t transactionTracker
+		t.client(commands)
+		for _, code := range replies {
+			t.reply(code)
+		}
+		t.client(content)
+		t.client([]byte(".\r\nQUIT\r\n"))
+		t.reply([3]byte{'2', '5', '0'})
+		t.reply([3]byte{'2', '2', '1'})
+	}
+}
