@@ -173,13 +173,13 @@ func TestSoak(t *testing.T) {
 		switch {
 		case restarting.Load():
 			return kind
-		case newSession && reloading.Load() && strings.Contains(err.Error(), "connection reset"):
+		case newSession && reloading.Load() && listenerReset(err):
 			return kind + " (a new connection, at a reload's listener swap)"
 		case shuttingDown.Load() && replyCode(err) == 421 && strings.Contains(err.Error(), "4.3.2"):
 			return kind + " 4.3.2 (shutdown)"
 		case shuttingDown.Load() && newSession && errors.Is(err, syscall.ECONNREFUSED):
 			return kind + " (shutdown)"
-		case shuttingDown.Load() && newSession && strings.Contains(err.Error(), "connection reset"):
+		case shuttingDown.Load() && newSession && listenerReset(err):
 			return kind + " (a new connection, at the shutdown's listener close)"
 		}
 		failuresElsewhere.Add(1)
@@ -359,6 +359,13 @@ func TestSoak(t *testing.T) {
 	if len(accepted) == 0 {
 		t.Error("no message was accepted")
 	}
+}
+
+// listenerReset reports whether err is the kernel's reset of a connection
+// still queued at a listener that was closed: ECONNRESET on a read, or EPIPE
+// on a write that came after the reset.
+func listenerReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // classify names the kind of a failure: the SMTP reply code, or the

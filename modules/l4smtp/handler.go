@@ -283,14 +283,6 @@ func (h *Handler) setup() ([]string, error) {
 // Handle runs the SMTP edge on one client connection.
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	sess := liveSessions.add(h, cx)
-	if sess == nil {
-		// accepted as the process began to shut down
-		if !h.ImplicitTLS {
-			_ = cx.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
-			_, _ = cx.Write(h.replies.shuttingDown)
-		}
-		return nil
-	}
 	defer liveSessions.remove(sess)
 
 	if limit := h.limits.acquire(cx.RemoteAddr()); limit != limitNone {

@@ -98,18 +98,21 @@ type sessionSet struct {
 	sessions map[*session]struct{}
 	draining bool
 	empty    chan struct{} // closed when draining and the last session has ended
+	emptied  bool          // empty is closed
 }
 
-// add registers a new session. It returns nil when the process is shutting
-// down: the caller turns the client away.
+// add registers a new session. One that begins while the process is
+// shutting down (accepted just before the listeners closed) is draining
+// from the start: it is greeted, or after its handshake told, with the 421.
 func (set *sessionSet) add(h *Handler, conn net.Conn) *session {
 	set.mu.Lock()
 	defer set.mu.Unlock()
-	if set.draining {
-		return nil
-	}
 	s := &session{h: h, conn: conn}
 	set.sessions[s] = struct{}{}
+	if set.draining {
+		s.draining = true
+		s.timer = time.AfterFunc(h.shutdown, s.expire)
+	}
 	return s
 }
 
@@ -123,8 +126,9 @@ func (set *sessionSet) remove(s *session) {
 	set.mu.Lock()
 	defer set.mu.Unlock()
 	delete(set.sessions, s)
-	if set.draining && len(set.sessions) == 0 {
+	if set.draining && len(set.sessions) == 0 && !set.emptied {
 		close(set.empty)
+		set.emptied = true
 	}
 }
 
@@ -143,6 +147,7 @@ func (set *sessionSet) drain(context.Context) {
 	}
 	if len(sessions) == 0 {
 		close(set.empty)
+		set.emptied = true
 	}
 	set.mu.Unlock()
 	if len(sessions) == 0 {
