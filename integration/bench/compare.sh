@@ -152,7 +152,7 @@ sink=$ip:$p_sink
 edge_config() { # <listen port> <admin port> <implicit: true|false>
 	cat <<EOF
 {
-  "admin": {"listen": "$ip:$2"},
+  "admin": {"listen": "$ip:$2", "origins": ["$ip:$2"]},
   "logging": {"logs": {"default": {"level": "WARN"}}},
   "storage": {"module": "file_system", "root": "$work/caddy-$1"},
   "apps": {
@@ -175,7 +175,7 @@ edge_config "$p_edge587" "$p_edge587_admin" false >"$work/edge587.json"
 # connection policy (TLS 1.2 minimum) with the same certificate.
 cat >"$work/l4.json" <<EOF
 {
-  "admin": {"listen": "$ip:$p_l4_admin"},
+  "admin": {"listen": "$ip:$p_l4_admin", "origins": ["$ip:$p_l4_admin"]},
   "logging": {"logs": {"default": {"level": "WARN"}}},
   "storage": {"module": "file_system", "root": "$work/caddy-l4"},
   "apps": {
@@ -402,8 +402,8 @@ for label in "${all_peers[@]}"; do
 	if [ -n "$profile" ] && [[ $label == edge* ]]; then
 		admin=$p_edge587_admin
 		[ "$label" = "edge 465" ] && admin=$p_edge465_admin
-		curl -s -o "$work/heap-${label// /-}.pprof" "http://$ip:$admin/debug/pprof/heap" || true
-		curl -s -o "$work/goroutine-${label// /-}.txt" "http://$ip:$admin/debug/pprof/goroutine?debug=1" || true
+		curl -sf -o "$work/heap-${label// /-}.pprof" "http://$ip:$admin/debug/pprof/heap" || true
+		curl -sf -o "$work/goroutine-${label// /-}.txt" "http://$ip:$admin/debug/pprof/goroutine?debug=1" || true
 	fi
 	kill -USR1 "$lgpid" 2>/dev/null || true
 	title="hold $hold_n idle sessions after TLS (EHLO answered), then NOOP on each"
@@ -423,6 +423,10 @@ for label in "${all_peers[@]}"; do
 	lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c 8 -d 1s >/dev/null || true
 done
 
+# CPU profiles cover 5 s of a run, or all of a shorter one
+profile_secs=5
+if [[ $duration =~ ^([0-9]+)s$ ]] && [ "${BASH_REMATCH[1]}" -lt 5 ]; then profile_secs=${BASH_REMATCH[1]}; fi
+
 load_case() { # <case> <title> <base> <round> <concurrency> <peers...>
 	local c=$1 title=$2 base=$3 round=$4 conc=$5 label out
 	shift 5
@@ -432,7 +436,7 @@ load_case() { # <case> <title> <base> <round> <concurrency> <peers...>
 		if [ -n "$profile" ] && [ "$round" = 1 ] && [ "$conc" = 256 ] && [ "$label" = "$base" ]; then
 			local admin=$p_edge587_admin
 			[ "$label" = "edge 465" ] && admin=$p_edge465_admin
-			curl -s -o "$work/cpu-$c.pprof" "http://$ip:$admin/debug/pprof/profile?seconds=5" &
+			curl -sf -o "$work/cpu-$c.pprof" "http://$ip:$admin/debug/pprof/profile?seconds=$profile_secs" &
 			prof_pid=$!
 		fi
 		if out=$(lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c "$conc" -d "$duration" -size 4k); then
