@@ -1,21 +1,31 @@
 package integration
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"net/smtp"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestDovecotSubmissionBehindEdge runs Dovecot's submission service behind
-// the edge with examples/dovecot-submission/dovecot.conf: PROXY v2 from
-// caddy-l4's proxy, AUTH PLAIN and LOGIN after TLS, a wrong password, and
-// the client's own address in Dovecot's log and in the Received: header of
-// the message it relays to a go-smtp server.
+// the edge with examples/dovecot-submission/dovecot.conf, in a Dovecot whose
+// other services require TLS (ssl = required): PROXY v2 and v1 from
+// caddy-l4's proxy, AUTH PLAIN and LOGIN after TLS, a wrong password, and the client's
+// own address in Dovecot's log and in the Received: header of the message it
+// relays to a go-smtp server.
 func TestDovecotSubmissionBehindEdge(t *testing.T) {
 	requireRootMTA(t, map[string]string{"dovecot": "dovecot-core", "/usr/lib/dovecot/submission": "dovecot-submissiond"})
 	dir := mtaTempDir(t)
@@ -26,11 +36,14 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 
 	dovecot := startDovecotAuth(t, filepath.Join(dir, "dovecot"),
 		map[string]string{postfixUser: postfixPassword},
-		readExample(t, "dovecot-submission/dovecot.conf", map[string]string{
-			"port = 10587":                  "port = " + submissionPort,
-			"submission_relay_port = 10025": "submission_relay_port = " + sinkPort,
-			"hostname = mail.example.com":   "hostname = dovecot.localhost",
-		})+
+		// the rest of this Dovecot requires TLS, as a production one
+		// would for IMAP: the example must work inside it
+		dovecotRequireTLS(t, filepath.Join(dir, "tls"))+
+			readExample(t, "dovecot-submission/dovecot.conf", map[string]string{
+				"port = 10587":                  "port = " + submissionPort,
+				"submission_relay_port = 10025": "submission_relay_port = " + sinkPort,
+				"hostname = mail.example.com":   "hostname = dovecot.localhost",
+			})+
 			// a user's session needs a mail location even in submission;
 			// a real Dovecot has one already
 			"\nmail_location = maildir:"+filepath.Join(dir, "maildir", "%u")+"\n",
@@ -39,9 +52,11 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 		t.Fatalf("Dovecot's submission listener: %v\n%s", err, dovecot.log.tail())
 	}
 
-	listeners := []listener{
-		{name: "submissions", mode: implicitTLS},
-		{name: "submission", mode: startTLS},
+	listeners := []postfixListener{
+		{listener{name: "submissions", mode: implicitTLS}, "v2"},
+		{listener{name: "submission", mode: startTLS}, "v2"},
+		{listener{name: "submissions", mode: implicitTLS}, "v1"},
+		{listener{name: "submission", mode: startTLS}, "v1"},
 	}
 	proc := startCaddy(t, func() caddySetup {
 		var servers strings.Builder
@@ -57,26 +72,28 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 			route {
 				smtp %s%s
 				proxy %s {
-					proxy_protocol v2
+					proxy_protocol %s
 				}
 			}
-		}`, listeners[i].addr, firstHost, implicit, submissionAddr)
+		}`, listeners[i].addr, firstHost, implicit, submissionAddr, listeners[i].proxyProtocol)
 			addrs = append(addrs, listeners[i].addr)
 		}
 		return caddySetup{
 			caddyfile: "{\n\tadmin off\n\tskip_install_trust\n\tdebug\n\n\tlayer4 {" +
 				servers.String() + "\n\t}\n}\n",
 			addrs:     addrs,
-			probe:     listeners[0],
+			probe:     listeners[0].listener,
 			hostnames: []string{firstHost},
 		}
 	})
 	cfg := proc.tlsConfig(firstHost)
 
+	logins := map[string]int{} // successful sessions so far, per mechanism
 	for _, l := range listeners {
 		for _, mech := range []string{"PLAIN", "LOGIN"} {
-			t.Run(fmt.Sprintf("%s/AUTH %s", l.mode, mech), func(t *testing.T) {
-				c := dialFrom(t, l, cfg, clientIP)
+			logins[mech]++
+			t.Run(fmt.Sprintf("%s/AUTH %s", l, mech), func(t *testing.T) {
+				c := dialFrom(t, l.listener, cfg, clientIP)
 				var auth smtp.Auth = loginAuth{postfixUser, postfixPassword}
 				if mech == "PLAIN" {
 					auth = smtp.PlainAuth("", postfixUser, postfixPassword, firstHost)
@@ -84,7 +101,8 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 				if err := c.Auth(auth); err != nil {
 					t.Fatalf("AUTH %s: %v", mech, err)
 				}
-				dovecot.log.wait(t, regexp.MustCompile(`submission-login: Info: Login: user=<`+postfixUser+`>, method=`+mech+`, rip=`+regexp.QuoteMeta(clientIP)+`,`))
+				// one more such line for this session
+				dovecot.log.waitCount(t, regexp.MustCompile(`submission-login: Info: Login: user=<`+postfixUser+`>, method=`+mech+`, rip=`+regexp.QuoteMeta(clientIP)+`,`), logins[mech])
 				token := uniqueToken(t)
 				if err := deliver(c, postfixUser+"@example.com", []string{"rcpt@example.com"}, testMessage(token, "through Dovecot")); err != nil {
 					t.Fatalf("sending a message: %v", err)
@@ -101,7 +119,7 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 	}
 
 	t.Run("wrong password", func(t *testing.T) {
-		c := dialFrom(t, listeners[1], cfg, "127.0.0.8")
+		c := dialFrom(t, listeners[1].listener, cfg, "127.0.0.8")
 		plain := base64.StdEncoding.EncodeToString([]byte("\x00" + postfixUser + "\x00wrong"))
 		code, msg := authSteps(t, c.Text, []string{"AUTH PLAIN " + plain})
 		if code != 535 {
@@ -109,4 +127,41 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 		}
 		dovecot.log.wait(t, regexp.MustCompile(`passwd-file\(`+postfixUser+`,127\.0\.0\.8[,)].*Password mismatch`))
 	})
+}
+
+// dovecotRequireTLS writes a self-signed certificate into dir and returns
+// the global settings of a Dovecot that requires TLS for every login
+// (ssl = required), which the example must override for its listener.
+func dovecotRequireTLS(t *testing.T, dir string) string {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "dovecot.localhost"},
+		DNSNames:     []string{"dovecot.localhost"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	certPath, keyPath := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return "ssl = required\nssl_cert = <" + certPath + "\nssl_key = <" + keyPath + "\n\n"
 }

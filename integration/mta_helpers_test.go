@@ -707,3 +707,25 @@ func deliverQueued(c *smtp.Client, from string, to []string, msg []byte) (string
 	_, text, err := c.Text.ReadResponse(250)
 	return text, err
 }
+
+// waitCount polls the log until at least n lines match re (for a line that
+// recurs once per session, as the sessions of a test add up).
+func (l logFile) waitCount(t *testing.T, re *regexp.Regexp, n int) {
+	t.Helper()
+	deadline := time.Now().Add(mtaLogTimeout)
+	for {
+		count := 0
+		for _, line := range l.lines() {
+			if re.MatchString(line) {
+				count++
+			}
+		}
+		if count >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %d lines match %s after %s, want %d; the log:\n%s", l.path, count, re, mtaLogTimeout, n, l.tail())
+		}
+		time.Sleep(50 * time.Millisecond) // polling interval, not synchronisation
+	}
+}
