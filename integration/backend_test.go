@@ -221,6 +221,15 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 // certificate for name.
 func selfSignedTLS(t *testing.T, name string) *tls.Config {
 	t.Helper()
+	return &tls.Config{
+		Certificates: []tls.Certificate{selfSignedCert(t, name)},
+		MinVersion:   tls.VersionTLS12,
+	}
+}
+
+// selfSignedCert is a throwaway self-signed ECDSA P-256 certificate for name.
+func selfSignedCert(t *testing.T, name string) tls.Certificate {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -238,8 +247,5 @@ func selfSignedTLS(t *testing.T, name string) *tls.Config {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &tls.Config{
-		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}},
-		MinVersion:   tls.VersionTLS12,
-	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }

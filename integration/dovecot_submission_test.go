@@ -1,15 +1,10 @@
 package integration
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net"
 	"net/smtp"
 	"os"
@@ -17,7 +12,6 @@ import (
 	"regexp"
 	"strings"
 	"testing"
-	"time"
 )
 
 // TestDovecotSubmissionBehindEdge runs Dovecot's submission service behind
@@ -52,40 +46,7 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 		t.Fatalf("Dovecot's submission listener: %v\n%s", err, dovecot.log.tail())
 	}
 
-	listeners := []postfixListener{
-		{listener{name: "submissions", mode: implicitTLS}, "v2"},
-		{listener{name: "submission", mode: startTLS}, "v2"},
-		{listener{name: "submissions", mode: implicitTLS}, "v1"},
-		{listener{name: "submission", mode: startTLS}, "v1"},
-	}
-	proc := startCaddy(t, func() caddySetup {
-		var servers strings.Builder
-		var addrs []string
-		for i := range listeners {
-			listeners[i].addr = freeAddr(t)
-			implicit := ""
-			if listeners[i].mode == implicitTLS {
-				implicit = " {\n\t\t\t\t\timplicit_tls\n\t\t\t\t}"
-			}
-			fmt.Fprintf(&servers, `
-		%s {
-			route {
-				smtp %s%s
-				proxy %s {
-					proxy_protocol %s
-				}
-			}
-		}`, listeners[i].addr, firstHost, implicit, submissionAddr, listeners[i].proxyProtocol)
-			addrs = append(addrs, listeners[i].addr)
-		}
-		return caddySetup{
-			caddyfile: "{\n\tadmin off\n\tskip_install_trust\n\tdebug\n\n\tlayer4 {" +
-				servers.String() + "\n\t}\n}\n",
-			addrs:     addrs,
-			probe:     listeners[0].listener,
-			hostnames: []string{firstHost},
-		}
-	})
+	proc, listeners := startProxyEdges(t, submissionAddr)
 	cfg := proc.tlsConfig(firstHost)
 
 	logins := map[string]int{} // successful sessions so far, per mechanism
@@ -134,22 +95,8 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 // (ssl = required), which the example must override for its listener.
 func dovecotRequireTLS(t *testing.T, dir string) string {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "dovecot.localhost"},
-		DNSNames:     []string{"dovecot.localhost"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	cert := selfSignedCert(t, "dovecot.localhost")
+	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +104,7 @@ func dovecotRequireTLS(t *testing.T, dir string) string {
 		t.Fatal(err)
 	}
 	certPath, keyPath := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+	if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {

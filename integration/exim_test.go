@@ -247,39 +247,7 @@ func startEximEnv(t *testing.T) *eximEnv {
 		strings.NewReplacer("{{SINKPORT}}", sinkPort).Replace(eximSinkConf)
 	env.exim = startExim(t, exim, dir, conf, []string{env.backend, env.local})
 
-	env.proc = startCaddy(t, func() caddySetup {
-		env.listeners = []postfixListener{
-			{listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}, "v2"},
-			{listener{name: "submission", mode: startTLS, addr: freeAddr(t)}, "v2"},
-			{listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}, "v1"},
-			{listener{name: "submission", mode: startTLS, addr: freeAddr(t)}, "v1"},
-		}
-		var servers strings.Builder
-		var addrs []string
-		for _, l := range env.listeners {
-			implicit := ""
-			if l.mode == implicitTLS {
-				implicit = " {\n\t\t\t\t\timplicit_tls\n\t\t\t\t}"
-			}
-			fmt.Fprintf(&servers, `
-		%s {
-			route {
-				smtp %s%s
-				proxy %s {
-					proxy_protocol %s
-				}
-			}
-		}`, l.addr, firstHost, implicit, env.backend, l.proxyProtocol)
-			addrs = append(addrs, l.addr)
-		}
-		return caddySetup{
-			caddyfile: "{\n\tadmin off\n\tskip_install_trust\n\tdebug\n\n\tlayer4 {" +
-				servers.String() + "\n\t}\n}\n",
-			addrs:     addrs,
-			probe:     env.listeners[0].listener,
-			hostnames: []string{firstHost},
-		}
-	})
+	env.proc, env.listeners = startProxyEdges(t, env.backend)
 	return env
 }
 

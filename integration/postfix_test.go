@@ -74,8 +74,21 @@ func startPostfixEnv(t *testing.T) *postfixEnv {
 	// idle smtpd processes) before it exits
 	t.Cleanup(func() { env.postfix.stop(t) })
 
-	env.proc = startCaddy(t, func() caddySetup {
-		env.listeners = []postfixListener{
+	env.proc, env.listeners = startProxyEdges(t, postfixAddr)
+	return env
+}
+
+func (l postfixListener) String() string {
+	return fmt.Sprintf("PROXY %s, %s", l.proxyProtocol, l.mode)
+}
+
+// startProxyEdges starts one caddy with four edges into backend, as the MTA
+// examples have them: implicit TLS and STARTTLS, each with PROXY v2 and v1.
+func startProxyEdges(t *testing.T, backend string) (*caddyProc, []postfixListener) {
+	t.Helper()
+	var listeners []postfixListener
+	proc := startCaddy(t, func() caddySetup {
+		listeners = []postfixListener{
 			{listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}, "v2"},
 			{listener{name: "submission", mode: startTLS, addr: freeAddr(t)}, "v2"},
 			{listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}, "v1"},
@@ -83,7 +96,7 @@ func startPostfixEnv(t *testing.T) *postfixEnv {
 		}
 		var servers strings.Builder
 		var addrs []string
-		for _, l := range env.listeners {
+		for _, l := range listeners {
 			implicit := ""
 			if l.mode == implicitTLS {
 				implicit = " {\n\t\t\t\t\timplicit_tls\n\t\t\t\t}"
@@ -96,22 +109,18 @@ func startPostfixEnv(t *testing.T) *postfixEnv {
 					proxy_protocol %s
 				}
 			}
-		}`, l.addr, firstHost, implicit, postfixAddr, l.proxyProtocol)
+		}`, l.addr, firstHost, implicit, backend, l.proxyProtocol)
 			addrs = append(addrs, l.addr)
 		}
 		return caddySetup{
 			caddyfile: "{\n\tadmin off\n\tskip_install_trust\n\tdebug\n\n\tlayer4 {" +
 				servers.String() + "\n\t}\n}\n",
 			addrs:     addrs,
-			probe:     env.listeners[0].listener,
+			probe:     listeners[0].listener,
 			hostnames: []string{firstHost},
 		}
 	})
-	return env
-}
-
-func (l postfixListener) String() string {
-	return fmt.Sprintf("PROXY %s, %s", l.proxyProtocol, l.mode)
+	return proc, listeners
 }
 
 func TestPostfixBehindEdge(t *testing.T) {
