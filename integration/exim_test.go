@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bytes"
 	"encoding/base64"
 	"fmt"
 	"net"
@@ -14,7 +13,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -101,9 +99,8 @@ to_sink:
 
 // eximInstance is a private Exim daemon (exim -bdf), a child of the test.
 type eximInstance struct {
-	log    logFile // mainlog
-	cmd    *exec.Cmd
-	exited chan struct{}
+	*daemon
+	log logFile // mainlog
 }
 
 // startExim writes conf into dir, runs the Exim daemon in the foreground on
@@ -136,50 +133,26 @@ func startExim(t *testing.T, exim, dir, conf string, listen []string) *eximInsta
 		t.Fatalf("Exim refuses the configuration: %v\n%s\n%s", err, out, numberLines(conf))
 	}
 
-	e := &eximInstance{log: logFile{path: filepath.Join(dir, "log", "mainlog")}, exited: make(chan struct{})}
-	var out bytes.Buffer
-	e.cmd = exec.Command(exim, "-C", confPath, "-bdf")
-	e.cmd.Env = eximEnviron
-	e.cmd.Stdout = &lockedBuffer{b: &out}
-	e.cmd.Stderr = e.cmd.Stdout
-	// its own process group, so that the sessions and deliveries it forks
-	// go with it
-	e.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := e.cmd.Start(); err != nil {
-		t.Fatalf("starting Exim: %v", err)
+	cmd := exec.Command(exim, "-C", confPath, "-bdf")
+	cmd.Env = eximEnviron
+	e := &eximInstance{
+		daemon: startDaemon(t, "Exim", cmd),
+		log:    logFile{path: filepath.Join(dir, "log", "mainlog")},
 	}
-	go func() {
-		_ = e.cmd.Wait()
-		close(e.exited)
-	}()
 	t.Cleanup(func() {
 		e.stop(t)
 		if t.Failed() {
 			panicLog, _ := os.ReadFile(filepath.Join(dir, "log", "paniclog"))
 			t.Logf("exim.conf:\n%s\nExim output:\n%s\nExim mainlog (%s):\n%s\npaniclog:\n%s",
-				numberLines(conf), out.String(), e.log.path, e.log.tail(), panicLog)
+				numberLines(conf), e.output(), e.log.path, e.log.tail(), panicLog)
 		}
 	})
 	for _, addr := range listen {
 		if err := waitListening(addr, mtaStartTimeout, e.exited); err != nil {
-			t.Fatalf("Exim: %v\n%s\n%s", err, out.String(), e.log.tail())
+			t.Fatalf("Exim: %v\n%s\n%s", err, e.output(), e.log.tail())
 		}
 	}
 	return e
-}
-
-func (e *eximInstance) stop(t *testing.T) {
-	pid := e.cmd.Process.Pid
-	_ = e.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-e.exited:
-	case <-time.After(stopTimeout):
-		t.Errorf("Exim did not exit within %s of SIGTERM; killing it", stopTimeout)
-		_ = syscall.Kill(-pid, syscall.SIGKILL)
-		<-e.exited
-	}
-	// sessions and deliveries that outlived the daemon
-	_ = syscall.Kill(-pid, syscall.SIGKILL)
 }
 
 // numberLines prefixes each line of text with its number (Exim's errors

@@ -416,9 +416,8 @@ func waitGone(pid int, timeout time.Duration) bool {
 // dovecotAuth is a private Dovecot that runs only its auth service (no
 // IMAP/POP3 listeners), in the foreground as a child of the test.
 type dovecotAuth struct {
-	log    logFile
-	cmd    *exec.Cmd
-	exited chan struct{}
+	*daemon
+	log logFile
 }
 
 // dovecotBaseConf is the base dovecot.conf of a private auth-only Dovecot:
@@ -465,44 +464,70 @@ func startDovecotAuth(t *testing.T, dir string, users map[string]string, extra, 
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d := &dovecotAuth{log: logFile{path: filepath.Join(dir, "dovecot.log")}, exited: make(chan struct{})}
-	var out bytes.Buffer
-	d.cmd = exec.Command("dovecot", "-F", "-c", confPath)
-	d.cmd.Stdout = &lockedBuffer{b: &out}
-	d.cmd.Stderr = d.cmd.Stdout
-	// its own process group, so that its children can be killed with it
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := d.cmd.Start(); err != nil {
-		t.Fatalf("starting dovecot: %v", err)
+	d := &dovecotAuth{
+		daemon: startDaemon(t, "Dovecot", exec.Command("dovecot", "-F", "-c", confPath)),
+		log:    logFile{path: filepath.Join(dir, "dovecot.log")},
 	}
-	go func() {
-		_ = d.cmd.Wait()
-		close(d.exited)
-	}()
 	t.Cleanup(func() {
 		d.stop(t)
 		if t.Failed() {
-			t.Logf("dovecot.conf:\n%s\nDovecot output:\n%s\nDovecot log (%s):\n%s", conf, out.String(), d.log.path, d.log.tail())
+			t.Logf("dovecot.conf:\n%s\nDovecot output:\n%s\nDovecot log (%s):\n%s", conf, d.output(), d.log.path, d.log.tail())
 		}
 	})
 	if err := waitFile(socket, mtaStartTimeout, d.exited); err != nil {
-		t.Fatalf("Dovecot: %v\n%s\n%s", err, out.String(), d.log.tail())
+		t.Fatalf("Dovecot: %v\n%s\n%s", err, d.output(), d.log.tail())
 	}
 	return d
 }
 
-func (d *dovecotAuth) stop(t *testing.T) {
+// daemon is an MTA running in the foreground as a child of the test, in its
+// own process group, so that the sessions and deliveries it forks can be
+// killed with it.
+type daemon struct {
+	name   string
+	cmd    *exec.Cmd
+	out    lockedBuffer // its standard output and error
+	exited chan struct{}
+}
+
+// startDaemon starts cmd as a daemon named name (for messages). The caller
+// stops it.
+func startDaemon(t *testing.T, name string, cmd *exec.Cmd) *daemon {
+	t.Helper()
+	d := &daemon{name: name, cmd: cmd, out: lockedBuffer{b: new(bytes.Buffer)}, exited: make(chan struct{})}
+	cmd.Stdout = &d.out
+	cmd.Stderr = &d.out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	go func() {
+		_ = cmd.Wait()
+		close(d.exited)
+	}()
+	return d
+}
+
+// output is what the daemon has written so far.
+func (d *daemon) output() string {
+	d.out.mu.Lock()
+	defer d.out.mu.Unlock()
+	return d.out.b.String()
+}
+
+// stop ends the daemon: SIGTERM, SIGKILL to its process group if it has not
+// exited within stopTimeout, and SIGKILL to children that outlived it (they
+// exit on their own when it goes; this only bounds the wait).
+func (d *daemon) stop(t *testing.T) {
 	pid := d.cmd.Process.Pid
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-d.exited:
 	case <-time.After(stopTimeout):
-		t.Errorf("dovecot did not exit within %s of SIGTERM; killing it", stopTimeout)
+		t.Errorf("%s did not exit within %s of SIGTERM; killing it", d.name, stopTimeout)
 		_ = syscall.Kill(-pid, syscall.SIGKILL)
 		<-d.exited
 	}
-	// children that outlived their master (they exit on their own when it
-	// goes; this only bounds the wait)
 	_ = syscall.Kill(-pid, syscall.SIGKILL)
 }
 
