@@ -462,21 +462,25 @@ func (p *caddyProc) waitReady(addrs []string, probe listener, hostnames []string
 
 // stop ends caddy: SIGTERM, and SIGKILL if it has not exited within
 // stopTimeout.
-func (p *caddyProc) stop(t *testing.T) {
+func (p *caddyProc) stop(t *testing.T) { stopProcess(t, "caddy", p.cmd, p.exited) }
+
+// stopProcess ends a child process that closes exited when it has been
+// waited for: SIGTERM, and SIGKILL if it has not exited within stopTimeout.
+func stopProcess(t *testing.T, name string, cmd *exec.Cmd, exited <-chan struct{}) {
 	select {
-	case <-p.exited:
+	case <-exited:
 		return
 	default:
 	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-p.exited:
+	case <-exited:
 		return
 	case <-time.After(stopTimeout):
 	}
-	t.Errorf("caddy did not exit within %s of SIGTERM; killing it", stopTimeout)
-	_ = p.cmd.Process.Kill()
-	<-p.exited
+	t.Errorf("%s did not exit within %s of SIGTERM; killing it", name, stopTimeout)
+	_ = cmd.Process.Kill()
+	<-exited
 }
 
 func (p *caddyProc) printLog(t *testing.T, caddyfile string) {

@@ -20,7 +20,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -267,22 +266,7 @@ func (p *pebbleCA) portInUse() bool {
 
 // stop ends Pebble: SIGTERM, and SIGKILL if it has not exited within
 // stopTimeout.
-func (p *pebbleCA) stop(t *testing.T) {
-	select {
-	case <-p.exited:
-		return
-	default:
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.exited:
-		return
-	case <-time.After(stopTimeout):
-	}
-	t.Errorf("pebble did not exit within %s of SIGTERM; killing it", stopTimeout)
-	_ = p.cmd.Process.Kill()
-	<-p.exited
-}
+func (p *pebbleCA) stop(t *testing.T) { stopProcess(t, "pebble", p.cmd, p.exited) }
 
 // issuedSerials returns the serials of every certificate Pebble has issued
 // so far (its log's "Issued certificate serial ... for order ..." lines), in
