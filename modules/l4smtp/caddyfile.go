@@ -10,6 +10,8 @@ import (
 // UnmarshalCaddyfile sets up the Handler from Caddyfile tokens. Syntax:
 //
 //	smtp <hostname> [<hostname>...] {
+//		backend <address> [<address>...]
+//		proxy_protocol v1|v2
 //		implicit_tls
 //		greeting <text>
 //		connection_policy {
@@ -50,6 +52,26 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("smtp option 'implicit_tls' takes no arguments")
 			}
 			h.ImplicitTLS = true
+
+		case "backend":
+			h.Backends = d.RemainingArgs()
+			if len(h.Backends) == 0 {
+				return d.Errf("smtp option 'backend' needs at least one address, e.g. 'backend 127.0.0.1:10025'")
+			}
+
+		case "proxy_protocol":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			switch d.Val() {
+			case "v1", "v2":
+				h.ProxyProtocol = d.Val()
+			default:
+				return d.Errf("smtp option 'proxy_protocol' takes v1 or v2, got '%s'", d.Val())
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
 
 		case "greeting":
 			if !d.NextArg() {

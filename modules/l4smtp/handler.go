@@ -87,6 +87,22 @@ type Handler struct {
 	// plaintext dialogue that leads to STARTTLS. Default: false.
 	ImplicitTLS bool `json:"implicit_tls,omitempty"`
 
+	// The mail server to relay the session to after TLS: one or more
+	// addresses, host:port or unix/<socket path>, tried in turn until one
+	// can be dialled within the backend timeout. With backends, the
+	// handler relays the session itself and is the last handler of its
+	// route; without, it hands the session to the next handler, normally
+	// caddy-l4's proxy (for its load balancing and health checks). The
+	// handler's own relay holds less memory per idle session and bounds
+	// the dial by the backend timeout. Default: none.
+	Backends []string `json:"backends,omitempty"`
+
+	// Send a PROXY protocol header, v1 or v2, to the backend before the
+	// session, with the client's address (or the one a proxy_protocol
+	// handler in front of this one has read). Only with backends.
+	// Default: none.
+	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+
 	// The text after "220 <first hostname> " in the greeting before STARTTLS.
 	// Default: "ESMTP".
 	Greeting string `json:"greeting,omitempty"`
@@ -139,6 +155,9 @@ type Handler struct {
 	pregreet  time.Duration // zero unless early_talker is reject
 	limits    *connLimits
 	baseTLS   *tls.Config
+
+	backends      []backendAddr
+	proxyProtocol int
 
 	ctx    caddy.Context
 	logger *zap.Logger
@@ -256,6 +275,10 @@ func (h *Handler) setup() ([]string, error) {
 			h.MaxConnections, h.MaxConnectionsPerIP)
 	}
 	h.limits = &connLimits{max: h.MaxConnections, maxPerIP: h.MaxConnectionsPerIP}
+
+	if err := h.setupBackends(); err != nil {
+		return nil, err
+	}
 
 	switch h.EarlyTalker {
 	case "", "off":

@@ -13,10 +13,11 @@ import (
 	"go.uber.org/zap"
 )
 
-// relay hands the TLS session to the next handler (normally caddy-l4's
-// proxy) through a relayConn, and deals with the ends of the session the next
-// handler cannot see: a backend that is unreachable or never greets, a session
-// that falls silent, a backend that goes away.
+// relay passes the TLS session through a relayConn to the backend (with
+// the backend option) or to the next handler (normally caddy-l4's proxy),
+// and deals with the ends of the session the copying cannot see: a backend
+// that is unreachable or never greets, a session that falls silent, a
+// backend that goes away.
 func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn, next layer4.Handler, greeted bool) error {
 	c := &relayConn{Conn: tlsConn, h: h, remote: cx.RemoteAddr().String(), greeting: make(chan struct{})}
 	c.filter.swallowGreeting = greeted
@@ -34,14 +35,27 @@ func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn,
 		// itself, and a client that talks first is the backend's to judge
 		c.greetingSeen()
 	}
-	// wrap first: the timers write to the client through cx, and Wrap
-	// reads cx's counters
-	wrapped := cx.Wrap(c)
+	var wrapped *layer4.Connection
+	if len(h.backends) == 0 {
+		// wrap first: the timers write to the client through cx, and
+		// Wrap reads cx's counters
+		wrapped = cx.Wrap(c)
+	}
+	start := time.Now()
 	c.touch()
 	c.backendTimer = time.AfterFunc(h.backend, c.backendTimeout)
 	c.idleTimer = time.AfterFunc(h.idle, c.idleCheck)
 
-	err := next.Handle(wrapped)
+	var err error
+	if wrapped != nil {
+		err = next.Handle(wrapped)
+	} else {
+		var up net.Conn
+		if up, err = h.dialBackend(cx, start); err == nil {
+			pump(c, up)
+			_ = up.Close()
+		}
+	}
 
 	c.backendTimer.Stop()
 	c.idleTimer.Stop()

@@ -48,89 +48,95 @@ func clientTransaction(t *testing.T, conn io.Writer, r *bufio.Reader) {
 // Between transactions, a shutdown ends the session at once with 421, and
 // the backend just sees the end of the connection.
 func TestShutdownBetweenTransactions(t *testing.T) {
-	h, _ := newTestHandler(t, nil)
-	sess := newTestSession(h, nil)
-	transcript := make(chan string, 1)
-	conn, r, done := serveRelayIn(t, h, sess, true, func(b *backend) error {
-		b.send("220 backend.internal ESMTP\r\n")
-		b.expect("EHLO client.example")
-		b.send("250-backend.internal\r\n250 PIPELINING\r\n")
-		transcript <- backendTranscript(b)
-		return nil
+	forEachRelay(t, func(t *testing.T, via relayVia) {
+		h, _ := newTestHandler(t, via.configure)
+		sess := newTestSession(h, nil)
+		transcript := make(chan string, 1)
+		conn, r, done := serveRelayIn(t, h, via, sess, true, func(b *backend) error {
+			b.send("220 backend.internal ESMTP\r\n")
+			b.expect("EHLO client.example")
+			b.send("250-backend.internal\r\n250 PIPELINING\r\n")
+			transcript <- backendTranscript(b)
+			return nil
+		})
+		io.WriteString(conn, "EHLO client.example\r\n")
+		readReplies(t, r, 2)
+		sess.drain()
+		if got := readReplies(t, r, 1)[0]; got != shutdownReply {
+			t.Fatalf("after the shutdown: %q, want %q", got, shutdownReply)
+		}
+		expectClosed(t, r)
+		if got := <-transcript; got != "" {
+			t.Errorf("the backend got %q after the shutdown, want nothing", got)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
 	})
-	io.WriteString(conn, "EHLO client.example\r\n")
-	readReplies(t, r, 2)
-	sess.drain()
-	if got := readReplies(t, r, 1)[0]; got != shutdownReply {
-		t.Fatalf("after the shutdown: %q, want %q", got, shutdownReply)
-	}
-	expectClosed(t, r)
-	if got := <-transcript; got != "" {
-		t.Errorf("the backend got %q after the shutdown, want nothing", got)
-	}
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
 }
 
 // A session in a transaction finishes it: the client gets the backend's
 // reply to its message, and then the 421.
 func TestShutdownWaitsForTransaction(t *testing.T) {
-	h, _ := newTestHandler(t, func(h *Handler) { h.Timeouts.Shutdown = caddy.Duration(time.Hour) })
-	sess := newTestSession(h, nil)
-	conn, r, done := serveRelayIn(t, h, sess, true, func(b *backend) error {
-		startTransaction(t, b)
-		b.expect("Subject: test")
-		b.expect("")
-		b.expect("body")
-		b.expect(".")
-		b.send("250 2.0.0 Ok: queued as 1234\r\n")
-		if rest := backendTranscript(b); rest != "" {
-			t.Errorf("the backend got %q after the message", rest)
+	forEachRelay(t, func(t *testing.T, via relayVia) {
+		h, _ := newTestHandler(t, func(h *Handler) { via.configure(h); h.Timeouts.Shutdown = caddy.Duration(time.Hour) })
+		sess := newTestSession(h, nil)
+		conn, r, done := serveRelayIn(t, h, via, sess, true, func(b *backend) error {
+			startTransaction(t, b)
+			b.expect("Subject: test")
+			b.expect("")
+			b.expect("body")
+			b.expect(".")
+			b.send("250 2.0.0 Ok: queued as 1234\r\n")
+			if rest := backendTranscript(b); rest != "" {
+				t.Errorf("the backend got %q after the message", rest)
+			}
+			return nil
+		})
+		clientTransaction(t, conn, r)
+		sess.drain()
+		io.WriteString(conn, "Subject: test\r\n\r\nbody\r\n.\r\n")
+		got := readReplies(t, r, 2)
+		if got[0] != "250 2.0.0 Ok: queued as 1234" || got[1] != shutdownReply {
+			t.Fatalf("after the message: %q, want the backend's 250, then %q", got, shutdownReply)
 		}
-		return nil
+		expectClosed(t, r)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
 	})
-	clientTransaction(t, conn, r)
-	sess.drain()
-	io.WriteString(conn, "Subject: test\r\n\r\nbody\r\n.\r\n")
-	got := readReplies(t, r, 2)
-	if got[0] != "250 2.0.0 Ok: queued as 1234" || got[1] != shutdownReply {
-		t.Fatalf("after the message: %q, want the backend's 250, then %q", got, shutdownReply)
-	}
-	expectClosed(t, r)
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
 }
 
 // When the shutdown timeout is over in the middle of a message, the client
 // gets 421 and the backend never gets the end of the message, so it cannot
 // accept part of it.
 func TestShutdownTimeoutInMessage(t *testing.T) {
-	h, logs := newTestHandler(t, func(h *Handler) { h.Timeouts.Shutdown = caddy.Duration(50 * time.Millisecond) })
-	sess := newTestSession(h, nil)
-	transcript := make(chan string, 1)
-	conn, r, done := serveRelayIn(t, h, sess, true, func(b *backend) error {
-		startTransaction(t, b)
-		transcript <- backendTranscript(b)
-		return nil
+	forEachRelay(t, func(t *testing.T, via relayVia) {
+		h, logs := newTestHandler(t, func(h *Handler) { via.configure(h); h.Timeouts.Shutdown = caddy.Duration(50 * time.Millisecond) })
+		sess := newTestSession(h, nil)
+		transcript := make(chan string, 1)
+		conn, r, done := serveRelayIn(t, h, via, sess, true, func(b *backend) error {
+			startTransaction(t, b)
+			transcript <- backendTranscript(b)
+			return nil
+		})
+		clientTransaction(t, conn, r)
+		io.WriteString(conn, "Subject: test\r\n\r\npart of the body\r\n")
+		sess.drain()
+		if got := readReplies(t, r, 1)[0]; got != shutdownReply {
+			t.Fatalf("at the end of the shutdown timeout: %q, want %q", got, shutdownReply)
+		}
+		io.WriteString(conn, ".\r\n") // too late: must not reach the backend
+		expectClosed(t, r)
+		got := <-transcript
+		if strings.Contains("\r\n"+got, "\r\n.\r\n") {
+			t.Errorf("the backend got the end of the message: %q", got)
+		}
+		<-done
+		if logs.FilterMessage("shutdown timeout over; ending a session in a transaction").Len() != 1 {
+			t.Errorf("no warning about the session cut in its transaction; log: %v", logs.All())
+		}
 	})
-	clientTransaction(t, conn, r)
-	io.WriteString(conn, "Subject: test\r\n\r\npart of the body\r\n")
-	sess.drain()
-	if got := readReplies(t, r, 1)[0]; got != shutdownReply {
-		t.Fatalf("at the end of the shutdown timeout: %q, want %q", got, shutdownReply)
-	}
-	io.WriteString(conn, ".\r\n") // too late: must not reach the backend
-	expectClosed(t, r)
-	got := <-transcript
-	if strings.Contains("\r\n"+got, "\r\n.\r\n") {
-		t.Errorf("the backend got the end of the message: %q", got)
-	}
-	<-done
-	if logs.FilterMessage("shutdown timeout over; ending a session in a transaction").Len() != 1 {
-		t.Errorf("no warning about the session cut in its transaction; log: %v", logs.All())
-	}
 }
 
 // Before TLS there is no transaction: the dialogue ends at once, and a

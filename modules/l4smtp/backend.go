@@ -1,0 +1,122 @@
+package l4smtp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
+	"github.com/mholt/caddy-l4/modules/l4proxyprotocol"
+	"github.com/pires/go-proxyproto"
+	"go.uber.org/zap"
+)
+
+// The backend: with the backend option the handler dials the mail server
+// itself once TLS is up and relays the session with its own copy loop
+// (pump.go), instead of handing it to the next handler. Compared with
+// caddy-l4's proxy it bounds the dial by the backend timeout, tries the
+// addresses in turn (proxy dials all the addresses of an upstream at once),
+// and holds no copy buffers while the session is idle.
+
+// backendAddr is one address of the backend option, parsed.
+type backendAddr struct {
+	network string // tcp, tcp4, tcp6 or unix
+	address string // host:port, or the socket path
+}
+
+// setupBackends checks the backend addresses and the PROXY protocol
+// version.
+func (h *Handler) setupBackends() error {
+	repl := caddy.NewReplacer()
+	h.backends = nil
+	for _, raw := range h.Backends {
+		addr, err := parseBackend(repl.ReplaceKnown(raw, ""))
+		if err != nil {
+			return fmt.Errorf("smtp: backend %q: %w", raw, err)
+		}
+		h.backends = append(h.backends, addr)
+	}
+	switch h.ProxyProtocol {
+	case "":
+		h.proxyProtocol = 0
+	case "v1":
+		h.proxyProtocol = 1
+	case "v2":
+		h.proxyProtocol = 2
+	default:
+		return fmt.Errorf("smtp: proxy_protocol must be v1 or v2, got %q", h.ProxyProtocol)
+	}
+	if h.proxyProtocol != 0 && len(h.backends) == 0 {
+		return errors.New("smtp: proxy_protocol applies to the backend option; with a proxy handler after smtp, set proxy_protocol there")
+	}
+	return nil
+}
+
+func parseBackend(s string) (backendAddr, error) {
+	na, err := caddy.ParseNetworkAddress(s)
+	if err != nil {
+		return backendAddr{}, err
+	}
+	switch na.Network {
+	case "tcp", "tcp4", "tcp6":
+		if na.Host == "" {
+			return backendAddr{}, errors.New("needs a host, e.g. 127.0.0.1:10025")
+		}
+		if na.PortRangeSize() != 1 || na.StartPort == 0 {
+			return backendAddr{}, errors.New("needs exactly one port, e.g. 127.0.0.1:10025")
+		}
+	case "unix":
+	default:
+		return backendAddr{}, fmt.Errorf("network %s cannot carry SMTP; use tcp (the default) or unix", na.Network)
+	}
+	return backendAddr{network: na.Network, address: na.JoinHostPort(0)}, nil
+}
+
+// dialBackend connects to the first backend address that answers, within
+// the backend timeout counted from start, and sends the PROXY protocol
+// header if one is configured.
+func (h *Handler) dialBackend(cx *layer4.Connection, start time.Time) (net.Conn, error) {
+	ctx, cancel := context.WithDeadline(context.Background(), start.Add(h.backend))
+	defer cancel()
+	var dialer net.Dialer
+	var errs []error
+	for i, addr := range h.backends {
+		up, err := dialer.DialContext(ctx, addr.network, addr.address)
+		if err == nil && h.proxyProtocol != 0 {
+			err = h.writeProxyHeader(cx, up, ctx)
+			if err != nil {
+				_ = up.Close()
+			}
+		}
+		if err == nil {
+			return up, nil
+		}
+		errs = append(errs, err)
+		if i < len(h.backends)-1 && ctx.Err() == nil {
+			h.logger.Warn("mail server unreachable; trying the next backend",
+				zap.String("remote", cx.RemoteAddr().String()),
+				zap.String("backend", addr.address),
+				zap.Error(err))
+		}
+	}
+	return nil, fmt.Errorf("dialing the backend: %w", errors.Join(errs...))
+}
+
+// writeProxyHeader tells the backend who the client is. The addresses are
+// those of the client connection, or those a proxy_protocol handler in front
+// of this one has read.
+func (h *Handler) writeProxyHeader(cx *layer4.Connection, up net.Conn, ctx context.Context) error {
+	client := l4proxyprotocol.GetConn(cx)
+	header := proxyproto.HeaderProxyFromAddrs(byte(h.proxyProtocol), client.RemoteAddr(), client.LocalAddr())
+	if deadline, ok := ctx.Deadline(); ok {
+		_ = up.SetWriteDeadline(deadline)
+		defer func() { _ = up.SetWriteDeadline(time.Time{}) }()
+	}
+	if _, err := header.WriteTo(up); err != nil {
+		return fmt.Errorf("writing the PROXY header: %w", err)
+	}
+	return nil
+}
