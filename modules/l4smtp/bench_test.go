@@ -2,6 +2,8 @@ package l4smtp
 
 import (
 	"bytes"
+	"io"
+	"net"
 	"strings"
 	"testing"
 )
@@ -60,4 +62,63 @@ func BenchmarkTransactionTracker(b *testing.B) {
 		t.reply([3]byte{'2', '5', '0'})
 		t.reply([3]byte{'2', '2', '1'})
 	}
+}
+
+// BenchmarkRelayTransaction sends one mail transaction per iteration (MAIL,
+// RCPT and DATA pipelined, 4 KiB of content, the final dot) from a TLS
+// client through the relay of the backend option to a backend on loopback,
+// and waits for each reply: the per-message cost of the relay, allocations
+// included (the TLS records' are part of it).
+func BenchmarkRelayTransaction(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close() })
+	via := relayVia{ln: ln}
+	h, _ := newTestHandler(b, via.configure)
+	conn, r, done := serveRelay(b, h, via, false, func(be *backend) error {
+		be.send("220 backend ESMTP\r\n")
+		for {
+			line, err := be.r.ReadSlice('\n')
+			if err != nil {
+				return nil
+			}
+			switch {
+			case bytes.HasPrefix(line, []byte("DATA")):
+				be.send("354 go ahead\r\n")
+				for {
+					line, err := be.r.ReadSlice('\n')
+					if err != nil {
+						return nil
+					}
+					if string(line) == ".\r\n" {
+						break
+					}
+				}
+				be.send("250 2.0.0 Ok: queued\r\n")
+			case bytes.HasPrefix(line, []byte("QUIT")):
+				be.send("221 2.0.0 Bye\r\n")
+				be.finish()
+				return nil
+			default:
+				be.send("250 2.1.0 Ok\r\n")
+			}
+		}
+	})
+	readReplies(b, r, 1)
+	commands := []byte("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+	content := append(bytes.Repeat([]byte("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do.\r\n"), 62), ".\r\n"...)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(commands) + len(content)))
+	for b.Loop() {
+		conn.Write(commands)
+		readReplies(b, r, 3)
+		conn.Write(content)
+		readReplies(b, r, 1)
+	}
+	b.StopTimer()
+	io.WriteString(conn, "QUIT\r\n")
+	readReplies(b, r, 1)
+	<-done
 }

@@ -135,6 +135,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("smtp option '%s' does not take a block", option)
 		}
 	}
+	if h.ProxyProtocol != "" && len(h.Backends) == 0 {
+		return d.Err("smtp option 'proxy_protocol' goes with 'backend'; with a proxy handler after smtp, set proxy_protocol in the proxy")
+	}
 	return nil
 }
 

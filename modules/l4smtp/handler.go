@@ -16,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 func init() {
@@ -358,12 +359,14 @@ func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
 	}
 	state := tlsConn.ConnectionState()
 	recordTLS(cx, hello, &state)
-	h.logger.Debug("terminated TLS",
-		zap.String("remote", cx.RemoteAddr().String()),
-		zap.String("server_name", state.ServerName),
-		zap.String("tls_version", tls.VersionName(state.Version)),
-		zap.String("cipher_suite", tls.CipherSuiteName(state.CipherSuite)),
-		zap.Bool("implicit_tls", h.ImplicitTLS))
+	// checked first: naming the cipher suite allocates, on every handshake
+	if ce := h.logger.Check(zapcore.DebugLevel, "terminated TLS"); ce != nil {
+		ce.Write(zap.String("remote", cx.RemoteAddr().String()),
+			zap.String("server_name", state.ServerName),
+			zap.String("tls_version", tls.VersionName(state.Version)),
+			zap.String("cipher_suite", tls.CipherSuiteName(state.CipherSuite)),
+			zap.Bool("implicit_tls", h.ImplicitTLS))
+	}
 	return tlsConn
 }
 

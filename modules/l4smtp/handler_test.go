@@ -1,6 +1,7 @@
 package l4smtp
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -25,6 +26,22 @@ func TestSetupDefaults(t *testing.T) {
 	}
 	if h.maxErrors != 5 {
 		t.Errorf("max errors %d", h.maxErrors)
+	}
+	if h.backends != nil || h.proxyProtocol != 0 {
+		t.Errorf("backends %v, proxy protocol %d; want none", h.backends, h.proxyProtocol)
+	}
+}
+
+func TestSetupBackends(t *testing.T) {
+	t.Setenv("SMTP_EDGE_TEST_BACKEND", "10.0.0.5:10587")
+	h := &Handler{Hostnames: []string{"m.example"}, ProxyProtocol: "v1",
+		Backends: []string{"127.0.0.1:10025", "{env.SMTP_EDGE_TEST_BACKEND}", "[::1]:25", "unix//run/mta.sock"}}
+	if _, err := h.setup(); err != nil {
+		t.Fatal(err)
+	}
+	want := "[{tcp 127.0.0.1:10025} {tcp 10.0.0.5:10587} {tcp [::1]:25} {unix /run/mta.sock}]"
+	if got := fmt.Sprint(h.backends); got != want || h.proxyProtocol != 1 {
+		t.Errorf("backends %s, proxy protocol %d; want %s, 1", got, h.proxyProtocol, want)
 	}
 }
 
@@ -53,6 +70,12 @@ func TestSetupErrors(t *testing.T) {
 		{"unicode hostname", Handler{Hostnames: []string{"mäil.example.com"}}, "xn--"},
 		{"CRLF in greeting", Handler{Hostnames: []string{"m.example"}, Greeting: "hi\r\n250 x"}, "single line"},
 		{"negative max_errors", Handler{Hostnames: []string{"m.example"}, MaxErrors: -1}, "max_errors"},
+		{"backend without a port", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1"}}, `backend "127.0.0.1"`},
+		{"backend port range", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25-26"}}, "exactly one port"},
+		{"backend without a host", Handler{Hostnames: []string{"m.example"}, Backends: []string{":25"}}, "needs a host"},
+		{"udp backend", Handler{Hostnames: []string{"m.example"}, Backends: []string{"udp/127.0.0.1:25"}}, "cannot carry SMTP"},
+		{"proxy_protocol without backend", Handler{Hostnames: []string{"m.example"}, ProxyProtocol: "v2"}, "set proxy_protocol there"},
+		{"proxy_protocol v3", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25"}, ProxyProtocol: "v3"}, "v1 or v2"},
 		{"negative timeout", Handler{Hostnames: []string{"m.example"}, Timeouts: Timeouts{Idle: caddy.Duration(-time.Second)}}, "idle must not be negative"},
 	}
 	for _, tt := range tests {

@@ -47,7 +47,7 @@ var testCert = sync.OnceValues(func() (tls.Certificate, error) {
 // newTestHandler returns a handler set up as Provision would, but with a
 // self-signed certificate in place of Caddy's TLS app, and a logger whose
 // entries the test can read.
-func newTestHandler(t *testing.T, configure func(*Handler)) (*Handler, *observer.ObservedLogs) {
+func newTestHandler(t testing.TB, configure func(*Handler)) (*Handler, *observer.ObservedLogs) {
 	t.Helper()
 	h := &Handler{Hostnames: []string{"mail.test"}}
 	if configure != nil {
@@ -77,7 +77,7 @@ func testClientTLS() *tls.Config {
 // serveOne accepts one loopback connection and runs serve on it as the
 // layer4 server would (a fresh layer4.Connection, closed when serve returns).
 // It returns the client side and a channel that yields serve's result.
-func serveOne[T any](t *testing.T, serve func(cx *layer4.Connection) T) (net.Conn, <-chan T) {
+func serveOne[T any](t testing.TB, serve func(cx *layer4.Connection) T) (net.Conn, <-chan T) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -104,7 +104,7 @@ func serveOne[T any](t *testing.T, serve func(cx *layer4.Connection) T) (net.Con
 }
 
 // readReplies reads n reply lines, without their CRLF.
-func readReplies(t *testing.T, r *bufio.Reader, n int) []string {
+func readReplies(t testing.TB, r *bufio.Reader, n int) []string {
 	t.Helper()
 	var lines []string
 	for range n {

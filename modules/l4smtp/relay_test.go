@@ -21,7 +21,7 @@ import (
 // writes backend bytes with send, reads client bytes from r, and finish
 // ends the backend's side of the session.
 type backend struct {
-	t          *testing.T
+	t          testing.TB
 	conn       net.Conn
 	r          *bufio.Reader
 	closeWrite func() error
@@ -78,7 +78,7 @@ func (v relayVia) configure(h *Handler) {
 // serveRelay runs the TLS handshake and the relay on one loopback connection,
 // with script as the backend. It returns the client's TLS connection and
 // the relay's result.
-func serveRelay(t *testing.T, h *Handler, via relayVia, greeted bool, script func(*backend) error) (*tls.Conn, *bufio.Reader, <-chan error) {
+func serveRelay(t testing.TB, h *Handler, via relayVia, greeted bool, script func(*backend) error) (*tls.Conn, *bufio.Reader, <-chan error) {
 	t.Helper()
 	return serveRelayIn(t, h, via, nil, greeted, script)
 }
@@ -86,7 +86,7 @@ func serveRelay(t *testing.T, h *Handler, via relayVia, greeted bool, script fun
 // serveRelayIn is serveRelay as part of sess (a fresh session if nil). With
 // the backend option, the result comes once both the relay and the script
 // are done, and the backend connection is closed when the script returns.
-func serveRelayIn(t *testing.T, h *Handler, via relayVia, sess *session, greeted bool, script func(*backend) error) (*tls.Conn, *bufio.Reader, <-chan error) {
+func serveRelayIn(t testing.TB, h *Handler, via relayVia, sess *session, greeted bool, script func(*backend) error) (*tls.Conn, *bufio.Reader, <-chan error) {
 	t.Helper()
 	next := layer4.HandlerFunc(func(cx *layer4.Connection) error {
 		return script(&backend{t: t, conn: cx, r: bufio.NewReader(cx),

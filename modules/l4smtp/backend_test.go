@@ -1,0 +1,226 @@
+package l4smtp
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"testing"
+
+	"github.com/pires/go-proxyproto"
+	"go.uber.org/zap/zapcore"
+)
+
+// refusedAddr is a loopback address where nothing listens.
+func refusedAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// An address that cannot be dialled is skipped for the next one, with a
+// warning that names it.
+func TestBackendFailover(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	via := relayVia{ln: ln}
+	dead := refusedAddr(t)
+	h, logs := newTestHandler(t, func(h *Handler) { h.Backends = []string{dead, ln.Addr().String()} })
+	conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
+		b.send("220 backend ESMTP\r\n")
+		b.expect("QUIT")
+		b.send("221 2.0.0 Bye\r\n")
+		b.finish()
+		return nil
+	})
+	if got := readReplies(t, r, 1)[0]; got != "220 backend ESMTP" {
+		t.Fatalf("greeting %q", got)
+	}
+	io.WriteString(conn, "QUIT\r\n")
+	if got := readReplies(t, r, 1)[0]; got != "221 2.0.0 Bye" {
+		t.Fatalf("got %q", got)
+	}
+	expectClosed(t, r)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("mail server unreachable; trying the next backend")
+	if warned.Len() != 1 || warned.All()[0].ContextMap()["backend"] != dead {
+		t.Errorf("want one warning naming %s; log: %v", dead, logs.All())
+	}
+}
+
+// When no address can be dialled, the client gets 421 and the log has every
+// address's error.
+func TestBackendAllUnreachable(t *testing.T) {
+	for _, implicit := range []bool{false, true} {
+		t.Run(fmt.Sprint("implicit_tls=", implicit), func(t *testing.T) {
+			dead1, dead2 := refusedAddr(t), refusedAddr(t)
+			h, logs := newTestHandler(t, func(h *Handler) { h.Backends = []string{dead1, dead2} })
+			conn, r, done := serveRelay(t, h, relayVia{}, !implicit, nil)
+			if !implicit {
+				io.WriteString(conn, "EHLO client.example\r\n")
+			}
+			if got := readReplies(t, r, 1)[0]; got != backendUnavailable {
+				t.Fatalf("got %q", got)
+			}
+			expectClosed(t, r)
+			if err := <-done; err != nil {
+				t.Errorf("relay returned %v; an unreachable backend is not a fault of the edge", err)
+			}
+			warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("mail server unavailable")
+			cause := fmt.Sprint(warned.All())
+			if warned.Len() != 1 || !strings.Contains(cause, dead1) || !strings.Contains(cause, dead2) {
+				t.Errorf("want one warning with both addresses' errors; log: %v", logs.All())
+			}
+		})
+	}
+}
+
+// The PROXY header carries the client's address, then the session follows.
+func TestBackendProxyProtocol(t *testing.T) {
+	for _, version := range []string{"v1", "v2"} {
+		t.Run(version, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+			via := relayVia{ln: ln}
+			h, _ := newTestHandler(t, func(h *Handler) {
+				via.configure(h)
+				h.ProxyProtocol = version
+			})
+			headers := make(chan *proxyproto.Header, 1)
+			conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
+				header, err := proxyproto.Read(b.r)
+				if err != nil {
+					t.Errorf("reading the PROXY header: %v", err)
+				}
+				headers <- header
+				b.send("220 backend ESMTP\r\n")
+				b.expect("QUIT")
+				b.send("221 2.0.0 Bye\r\n")
+				b.finish()
+				return nil
+			})
+			header := <-headers
+			if header == nil || header.Version != map[string]byte{"v1": 1, "v2": 2}[version] ||
+				header.SourceAddr.String() != conn.LocalAddr().String() ||
+				header.DestinationAddr.String() != conn.RemoteAddr().String() {
+				t.Errorf("header %+v, want %s from %s to %s", header, version, conn.LocalAddr(), conn.RemoteAddr())
+			}
+			if got := readReplies(t, r, 1)[0]; got != "220 backend ESMTP" {
+				t.Fatalf("greeting %q", got)
+			}
+			io.WriteString(conn, "QUIT\r\n")
+			readReplies(t, r, 1)
+			<-done
+		})
+	}
+}
+
+// A message far larger than the copy buffers arrives whole, in order.
+func TestBackendLargeMessage(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	via := relayVia{ln: ln}
+	h, _ := newTestHandler(t, via.configure)
+	var body strings.Builder
+	for i := 0; body.Len() < 3<<20; i++ {
+		fmt.Fprintf(&body, "line %d of a large message, with some text to make it long enough\r\n", i)
+	}
+	received := make(chan string, 1)
+	conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
+		b.send("220 backend ESMTP\r\n")
+		b.expect("DATA")
+		b.send("354 go ahead\r\n")
+		var got strings.Builder
+		for {
+			line, err := b.r.ReadString('\n')
+			if err != nil || line == ".\r\n" {
+				break
+			}
+			got.WriteString(line)
+		}
+		received <- got.String()
+		b.send("250 2.0.0 Ok\r\n")
+		b.finish()
+		return nil
+	})
+	readReplies(t, r, 1)
+	io.WriteString(conn, "DATA\r\n")
+	readReplies(t, r, 1)
+	go func() {
+		w := bufio.NewWriterSize(conn, 5000) // records of odd sizes
+		io.WriteString(w, body.String())
+		io.WriteString(w, ".\r\n")
+		w.Flush()
+	}()
+	if got := <-received; got != body.String() {
+		t.Errorf("the backend got %d bytes, want the %d sent", len(got), body.Len())
+	}
+	if got := readReplies(t, r, 1)[0]; got != "250 2.0.0 Ok" {
+		t.Errorf("got %q", got)
+	}
+	<-done
+}
+
+// chunkSource returns its chunks one per Read, each cut to the buffer it is
+// given, and records the size of every buffer.
+type chunkSource struct {
+	chunks  []int
+	offered []int
+}
+
+func (s *chunkSource) Read(p []byte) (int, error) {
+	if len(s.chunks) == 0 {
+		return 0, io.EOF
+	}
+	s.offered = append(s.offered, len(p))
+	n := min(s.chunks[0], len(p))
+	if s.chunks[0] -= n; s.chunks[0] == 0 {
+		s.chunks = s.chunks[1:]
+	}
+	for i := range p[:n] {
+		p[i] = 'x'
+	}
+	return n, nil
+}
+
+// A read that may wait (the one after a read that did not fill its
+// buffer) is given the small buffer, so that an idle session holds no
+// large one; while data keeps coming, reads get the large one.
+func TestCopySparingBuffers(t *testing.T) {
+	src := &chunkSource{chunks: []int{100, 5000, 40000, 10, smallBufSize}}
+	var dst strings.Builder
+	if err := copySparing(&dst, src); err != nil {
+		t.Fatal(err)
+	}
+	if dst.Len() != 100+5000+40000+10+smallBufSize {
+		t.Errorf("copied %d bytes", dst.Len())
+	}
+	S, L := smallBufSize, largeBufSize
+	want := []int{
+		S,    // 100: waits with the small buffer
+		S, L, // 5000: fills the small one; the rest goes to a large one
+		S, L, L, L, // 40000: small, then large ones until one is not filled
+		S, // 10: small again
+		S, // exactly a small buffer's worth; then the end
+	}
+	if fmt.Sprint(src.offered) != fmt.Sprint(want) {
+		t.Errorf("buffers offered %v, want %v", src.offered, want)
+	}
+}
