@@ -7,7 +7,9 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/pires/go-proxyproto"
 	"go.uber.org/zap/zapcore"
 )
@@ -223,4 +225,44 @@ func TestCopySparingBuffers(t *testing.T) {
 	if fmt.Sprint(src.offered) != fmt.Sprint(want) {
 		t.Errorf("buffers offered %v, want %v", src.offered, want)
 	}
+}
+
+// When the edge ends a session itself (here at the idle timeout), it closes
+// the backend connection rather than waiting for the backend to hang up: a
+// backend that keeps its side open must not keep the session alive.
+func TestBackendClosedWhenSessionEnds(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	via := relayVia{ln: ln}
+	h, _ := newTestHandler(t, func(h *Handler) {
+		via.configure(h)
+		h.Timeouts.Idle = caddy.Duration(50 * time.Millisecond)
+	})
+	conn, r, done := serveRelay(t, h, via, true, func(b *backend) error {
+		b.send("220 backend ESMTP\r\n")
+		b.expect("EHLO client.example")
+		b.send("250 backend\r\n")
+		if rest, err := io.ReadAll(b.r); err != nil || len(rest) > 0 {
+			t.Errorf("after EHLO the backend got %q, %v; want the end of the stream", rest, err)
+		}
+		// a backend that does not hang up: what it sends now must meet a
+		// closed socket (a reset: writes fail), not an edge that still
+		// reads and drops it (they would all succeed)
+		for range 1000 {
+			if _, err := b.conn.Write([]byte("250 still here\r\n")); err != nil {
+				return nil
+			}
+		}
+		t.Errorf("the edge kept the backend connection open after ending the session")
+		return nil
+	})
+	io.WriteString(conn, "EHLO client.example\r\n")
+	readReplies(t, r, 1)
+	if got := readReplies(t, r, 1)[0]; got != "421 4.4.2 mail.test Error: timeout exceeded" {
+		t.Fatalf("got %q", got)
+	}
+	<-done
 }

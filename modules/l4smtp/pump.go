@@ -35,8 +35,14 @@ func pump(c *relayConn, up net.Conn) {
 	go func() {
 		defer close(clientDone)
 		_ = copySparing(up, c)
-		// the client is done (or the edge ended the session): the
-		// backend sees the end of the stream, as it would from the client
+		if c.closed.Load() {
+			// the edge ended the session (timeout, shutdown): nothing
+			// the backend still sends can reach the client
+			_ = up.Close()
+			return
+		}
+		// the client has finished: the backend sees the end of the
+		// stream, as it would without the edge, and says goodbye
 		closeWrite(up)
 	}()
 

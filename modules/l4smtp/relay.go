@@ -52,7 +52,9 @@ func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn,
 	} else {
 		var up net.Conn
 		if up, err = h.dialBackend(cx, start); err == nil {
-			pump(c, up)
+			if !c.closed.Load() { // not ended by a timeout or the shutdown meanwhile
+				pump(c, up)
+			}
 			_ = up.Close()
 		}
 	}
