@@ -1,7 +1,8 @@
 // Package l4smtp is the SMTP edge for the Caddy layer4 app: the
 // layer4.handlers.smtp handler, which terminates TLS for an SMTP listener
-// (implicit TLS or STARTTLS) with certificates from Caddy's TLS app and hands
-// the decrypted session to the next handler, normally caddy-l4's proxy.
+// (implicit TLS or STARTTLS) with certificates from Caddy's TLS app and
+// relays the decrypted session to the backend MTA, itself or through the
+// next handler (caddy-l4's proxy).
 package l4smtp
 
 import (
@@ -24,9 +25,10 @@ func init() {
 }
 
 // Handler puts an SMTP listener behind Caddy's TLS: it terminates TLS for a
-// mail port with certificates that Caddy obtains and renews, and hands the
-// decrypted session to the next handler (normally caddy-l4's proxy to the
-// backend MTA).
+// mail port with certificates that Caddy obtains and renews, and relays the
+// decrypted session to the backend MTA: itself, with the backend option, or
+// through the next handler (caddy-l4's proxy, for its load balancing and
+// health checks).
 //
 // With implicit_tls (port 465, RFC 8314) the TLS handshake comes first and the
 // backend's greeting is the first thing the client reads, inside TLS.
@@ -66,18 +68,24 @@ func init() {
 //				route {
 //					smtp mail.example.com {
 //						implicit_tls
+//						backend 127.0.0.1:10587
+//						proxy_protocol v2
 //					}
-//					proxy 127.0.0.1:10025
 //				}
 //			}
 //			:587 :2525 {
 //				route {
-//					smtp mail.example.com
-//					proxy 127.0.0.1:10025
+//					smtp mail.example.com {
+//						backend 127.0.0.1:10587
+//						proxy_protocol v2
+//					}
 //				}
 //			}
 //		}
 //	}
+//
+// or, for caddy-l4's load balancing, without backend and with a proxy
+// handler after smtp in the route.
 type Handler struct {
 	// The names this edge answers for. The first is the name in the greeting
 	// and the EHLO reply, and the certificate that clients which send no SNI
