@@ -86,7 +86,7 @@ func (h *Handler) dialBackend(cx *layer4.Connection, start time.Time) (net.Conn,
 	for i, addr := range h.backends {
 		up, err := dialer.DialContext(ctx, addr.network, addr.address)
 		if err == nil && h.proxyProtocol != 0 {
-			err = h.writeProxyHeader(cx, up, ctx)
+			err = h.writeProxyHeader(ctx, cx, up)
 			if err != nil {
 				_ = up.Close()
 			}
@@ -108,7 +108,7 @@ func (h *Handler) dialBackend(cx *layer4.Connection, start time.Time) (net.Conn,
 // writeProxyHeader tells the backend who the client is. The addresses are
 // those of the client connection, or those a proxy_protocol handler in front
 // of this one has read.
-func (h *Handler) writeProxyHeader(cx *layer4.Connection, up net.Conn, ctx context.Context) error {
+func (h *Handler) writeProxyHeader(ctx context.Context, cx *layer4.Connection, up net.Conn) error {
 	client := l4proxyprotocol.GetConn(cx)
 	header := proxyproto.HeaderProxyFromAddrs(byte(h.proxyProtocol), client.RemoteAddr(), client.LocalAddr())
 	if deadline, ok := ctx.Deadline(); ok {
