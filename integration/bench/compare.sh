@@ -4,7 +4,9 @@
 # Starts one Postfix smtp-sink as the backend and, in front of it on their own
 # loopback ports, with the same ECDSA P-256 certificate, TLS 1.2 as the floor:
 #
-#   edge 587 / edge 465      this repository's caddy (./cmd/caddy): smtp + proxy
+#   edge 587 / edge 465      this repository's caddy (./cmd/caddy): the smtp
+#                            handler with its backends option (it dials the
+#                            sink and relays itself; no proxy handler)
 #   nginx 587                nginx mail: starttls only, smtp_auth none, auth_http
 #                            answered by nginx's own http block
 #   haproxy 465              HAProxy, mode tcp, bind ... ssl crt
@@ -18,7 +20,8 @@
 # the order of the peers in every case and repeating the cases in rounds, so
 # that a noisy machine affects all of them alike. Prints one table (report):
 # the median over the rounds, each peer's ratio to the edge (587 for STARTTLS,
-# 465 for implicit TLS) and the targets of issue 5.
+# 465 for implicit TLS), the CPU time each session of the load runs cost the
+# peer, the sink and loadgen, and the targets of issue 5.
 #
 # Usage (as root, from anywhere; installs the peers from Debian if missing):
 #
@@ -148,7 +151,10 @@ sink=$ip:$p_sink
 # The edge, one caddy per port so that each hold case measures a fresh
 # process. The certificate is loaded from the file (tls app load_files), so
 # the smtp app sees the name covered and obtains nothing. Logging at WARN:
-# no peer logs per session.
+# no peer logs per session. The smtp handler relays to the sink itself (its
+# backends option, the recommended configuration: its own copy loop holds
+# less memory per idle session than caddy-l4's proxy); caddy-l4's proxy
+# behind smtp is measured no more, plain caddy-l4 below still uses it.
 edge_config() { # <listen port> <admin port> <implicit: true|false>
 	cat <<EOF
 {
@@ -160,8 +166,7 @@ edge_config() { # <listen port> <admin port> <implicit: true|false>
     "layer4": {"servers": {"smtp": {
       "listen": ["$ip:$1"],
       "routes": [{"handle": [
-        {"handler": "smtp", "hostnames": ["mail.test"], "implicit_tls": $3},
-        {"handler": "proxy", "upstreams": [{"dial": ["$sink"]}]}
+        {"handler": "smtp", "hostnames": ["mail.test"], "implicit_tls": $3, "backends": ["$sink"]}
       ]}]
     }}}
   }
@@ -427,8 +432,59 @@ done
 profile_secs=5
 if [[ $duration =~ ^([0-9]+)s$ ]] && [ "${BASH_REMATCH[1]}" -lt 5 ]; then profile_secs=${BASH_REMATCH[1]}; fi
 
+# CPU time of the load runs, so that the table can show what a session costs
+# the machine (the peer, the sink it relays to, and loadgen's client half)
+# and so what bounds the sessions/s ratios when the CPUs are saturated. The
+# times in /proc/<pid>/stat are in clock ticks.
+clk_tck=$(getconf CLK_TCK)
+
+# cpu_ticks <pids...>: sets ticks to the CPU time the processes have used so
+# far: utime + stime (all threads of each) + cutime + cstime (the children
+# each has waited for, so that a worker that exits during a run still
+# counts; none of the peers does that in these runs). Builtins only: a
+# command substitution here would be a child of this shell and land in the
+# figure for loadgen below.
+cpu_ticks() {
+	local p line f
+	ticks=0
+	for p in "$@"; do
+		read -r line 2>/dev/null <"/proc/$p/stat" || continue
+		# the fields after "pid (comm) ": f[0] is field 3 (state), f[11]
+		# field 14 (utime)
+		read -r -a f <<<"${line##*) }"
+		ticks=$((ticks + f[11] + f[12] + f[13] + f[14]))
+	done
+}
+# shell_child_ticks: sets ticks to the CPU time of the children this shell
+# has waited for (cutime + cstime). loadgen has exited by the time we could
+# read its own stat; its time is then in ours, through the command
+# substitution that ran it. (The background curl of --profile and the
+# rotate below may be waited for during a run too: a few ms in all.)
+shell_child_ticks() {
+	local line f
+	read -r line <"/proc/$$/stat"
+	read -r -a f <<<"${line##*) }"
+	ticks=$((f[13] + f[14]))
+}
+
+# cpu_fields <loadgen's JSON> <peer ticks> <sink ticks, or empty when the peer
+# is the sink> <loadgen ticks>: the record's CPU times, ms per completed
+# session; nothing if no session completed
+cpu_fields() {
+	local sessions
+	sessions=$(grep -o '"sessions":[0-9]*' <<<"$1" | cut -d: -f2)
+	awk -v n="${sessions:-0}" -v p="$2" -v s="$3" -v l="$4" -v hz="$clk_tck" 'BEGIN {
+		if (n <= 0) exit
+		f = 1000 / hz / n
+		printf ",\"cpu_ms_per_session\":{\"peer\":%.4f,", p * f
+		if (s != "") printf "\"sink\":%.4f,", s * f
+		printf "\"loadgen\":%.4f}", l * f
+	}'
+}
+
 load_case() { # <case> <title> <base> <round> <concurrency> <peers...>
-	local c=$1 title=$2 base=$3 round=$4 conc=$5 label out
+	local c=$1 title=$2 base=$3 round=$4 conc=$5 label out ok
+	local peer_pids sink_pids p0 p1 s0 s1 l0 l1 cpu
 	shift 5
 	while read -r label; do
 		settle
@@ -439,8 +495,27 @@ load_case() { # <case> <title> <base> <round> <concurrency> <peers...>
 			curl -sf -o "$work/cpu-$c.pprof" "http://$ip:$admin/debug/pprof/profile?seconds=$profile_secs" &
 			prof_pid=$!
 		fi
-		if out=$(lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c "$conc" -d "$duration" -size 4k); then
-			record "$c" "$title" "$label" "$base" "$round" "\"result\":$out"
+		# The sink is measured for every peer, the ceiling too, which
+		# leaves it idle (nginx reaches it only after RCPT, but then in
+		# every session). For the backend itself the peer is the sink.
+		# The pids come from command substitutions, which this shell has
+		# waited for before the run starts (pids split safely).
+		# shellcheck disable=SC2207
+		peer_pids=($(descendants "${PID[$label]}"))
+		sink_pids=()
+		# shellcheck disable=SC2207
+		[ "$label" = "backend (plain)" ] || sink_pids=($(descendants "${PID[backend (plain)]}"))
+		cpu_ticks "${peer_pids[@]}"; p0=$ticks
+		cpu_ticks "${sink_pids[@]}"; s0=$ticks
+		shell_child_ticks; l0=$ticks
+		ok=1
+		out=$(lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c "$conc" -d "$duration" -size 4k) || ok=
+		shell_child_ticks; l1=$ticks
+		cpu_ticks "${peer_pids[@]}"; p1=$ticks
+		cpu_ticks "${sink_pids[@]}"; s1=$ticks
+		if [ -n "$ok" ]; then
+			cpu=$(cpu_fields "$out" $((p1 - p0)) "${sink_pids[*]:+$((s1 - s0))}" $((l1 - l0)))
+			record "$c" "$title" "$label" "$base" "$round" "\"result\":$out$cpu"
 		else
 			record "$c" "$title" "$label" "$base" "$round" "$(failed)"
 		fi

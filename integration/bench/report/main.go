@@ -1,7 +1,8 @@
 // Command report turns the results compare.sh collects (one JSON record per
 // line: a case, a peer, a round and loadgen's JSON result) into one table:
 // the median over the rounds of each figure, each peer's ratio to the edge,
-// and the targets of issue 5 checked against the figures.
+// the CPU time each session cost (when the results have it), and the targets
+// of issue 5 checked against the figures.
 //
 //	report results.jsonl
 package main
@@ -71,6 +72,15 @@ type record struct {
 	// hold: resident memory of the peer's processes, KiB
 	RSSBeforeKiB float64 `json:"rss_before_kib"`
 	RSSAfterKiB  float64 `json:"rss_after_kib"`
+	// run: CPU time (user + system) used during the run, ms per completed
+	// session, by the peer's processes, by smtp-sink (absent when the peer
+	// is the sink itself) and by loadgen. Absent in results from before
+	// compare.sh measured it.
+	CPU *struct {
+		Peer    float64  `json:"peer"`
+		Sink    *float64 `json:"sink"`
+		Loadgen float64  `json:"loadgen"`
+	} `json:"cpu_ms_per_session"`
 	// a run that produced no result
 	Failed string `json:"failed"`
 }
@@ -112,6 +122,17 @@ type row struct {
 	errorKinds map[string]int
 	held, noop int // hold
 	tls        string
+	cpu        *cpuRow // run, when the results have CPU times
+}
+
+// cpuRow is the CPU time per completed session of one peer in one run case,
+// ms, medians over the rounds that measured it. Each sum is taken per round,
+// then its median.
+type cpuRow struct {
+	peer, sink, loadgen float64 // sink NaN: the peer is the sink
+	peerSink            float64 // the peer and the sink: the proxy's share
+	total               float64 // everything the session cost the machine
+	busy                float64 // CPUs kept busy: total × sessions/s
 }
 
 type table struct {
@@ -124,6 +145,7 @@ type table struct {
 func summarize(recs []record) *table {
 	t := &table{title: map[string]string{}, kind: map[string]string{}, rows: map[string][]*row{}}
 	values := map[*row][][4]float64{} // value, p50, p99, msgs per round
+	cpus := map[*row][][6]float64{}   // the fields of cpuRow per round
 	for _, rec := range recs {
 		if _, ok := t.title[rec.Case]; !ok {
 			t.cases = append(t.cases, rec.Case)
@@ -154,6 +176,20 @@ func summarize(recs []record) *table {
 			r.errors += res.Errors
 			for k, n := range res.ErrorKinds {
 				r.errorKinds[k] += n
+			}
+			if c := rec.CPU; c != nil {
+				sink, sinkUsed := math.NaN(), 0.0
+				if c.Sink != nil {
+					sink = *c.Sink
+					// the ceiling has no backend: what the sink used
+					// beside it is its idle, not the session's cost
+					if !isCeiling(rec.Peer) {
+						sinkUsed = sink
+					}
+				}
+				total := c.Loadgen + c.Peer + sinkUsed
+				cpus[r] = append(cpus[r], [6]float64{c.Peer, sink, c.Loadgen,
+					c.Peer + sinkUsed, total, total * res.SessionsPerSec / 1000})
 			}
 		case "hold":
 			perSession := math.NaN()
@@ -197,8 +233,22 @@ func summarize(recs []record) *table {
 			r.p50, r.p99, r.msgs = median(col(1)), median(col(2)), median(col(3))
 		}
 	}
+	for r, cs := range cpus {
+		col := func(i int) float64 {
+			c := make([]float64, len(cs))
+			for j, v := range cs {
+				c[j] = v[i]
+			}
+			return median(c)
+		}
+		r.cpu = &cpuRow{peer: col(0), sink: col(1), loadgen: col(2), peerSink: col(3), total: col(4), busy: col(5)}
+	}
 	return t
 }
+
+// isCeiling says whether a peer is the ceiling, which answers SMTP itself
+// and has no backend.
+func isCeiling(peer string) bool { return strings.HasPrefix(peer, "ceiling") }
 
 func median(v []float64) float64 {
 	s := slices.Clone(v)
@@ -277,8 +327,51 @@ func write(w io.Writer, t *table) {
 				r.peer, fmtF(r.value), p50, p99, spread, errs, fmtRatio(t.ratio(c, r)), strings.Join(notes, "; "))
 		}
 	}
+	writeCPU(w, t)
 	writeTLS(w, t)
 	writeTargets(w, t)
+}
+
+// writeCPU says what each session cost in CPU time in the run cases, and
+// how that compares with the ceiling's: where the CPUs are saturated (CPUs
+// busy near the machine's count), sessions/s is about the CPUs divided by
+// the total, so the ratio to the ceiling's total bounds the ratio of
+// sessions/s. Nothing is written for results without CPU times.
+func writeCPU(w io.Writer, t *table) {
+	var cases []string
+	for _, c := range t.cases {
+		if t.kind[c] == "run" && slices.ContainsFunc(t.rows[c], func(r *row) bool { return r.cpu != nil }) {
+			cases = append(cases, c)
+		}
+	}
+	if len(cases) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "\nCPU time per completed session, ms (medians; user + system of all the processes of each):")
+	fmt.Fprintln(w, "  total = loadgen + peer + sink (the ceiling's without the sink, which it does not use);")
+	fmt.Fprintln(w, "  ÷ ceiling = total ÷ the ceiling's total; CPUs busy = total × sessions/s")
+	fmt.Fprintf(w, "%-20s %9s %9s %10s %9s %9s %10s %10s\n",
+		"", "peer", "sink", "peer+sink", "loadgen", "total", "÷ ceiling", "CPUs busy")
+	for _, c := range cases {
+		fmt.Fprintf(w, "── %s\n", t.title[c])
+		var ceiling *row
+		if i := slices.IndexFunc(t.rows[c], func(r *row) bool { return isCeiling(r.peer) && r.cpu != nil }); i >= 0 {
+			ceiling = t.rows[c][i]
+		}
+		for _, r := range t.rows[c] {
+			if r.cpu == nil {
+				fmt.Fprintf(w, "  %-18s %9s\n", r.peer, "-")
+				continue
+			}
+			ratio := math.NaN()
+			if ceiling != nil {
+				ratio = r.cpu.total / ceiling.cpu.total
+			}
+			fmt.Fprintf(w, "  %-18s %9s %9s %10s %9s %9s %10s %10s\n", r.peer,
+				fmtMs(r.cpu.peer), fmtMs(r.cpu.sink), fmtMs(r.cpu.peerSink), fmtMs(r.cpu.loadgen),
+				fmtMs(r.cpu.total), fmtRatio(ratio), fmtF(r.cpu.busy))
+		}
+	}
 }
 
 // writeTLS says what TLS each peer negotiated with loadgen.
@@ -332,6 +425,15 @@ func fmtF(v float64) string {
 		return fmt.Sprintf("%.1f", v)
 	}
 	return fmt.Sprintf("%.2f", v)
+}
+
+// fmtMs formats ms of CPU per session: a session costs about a millisecond,
+// and the sink's share a tenth of that, so three decimals below 1.
+func fmtMs(v float64) string {
+	if !math.IsNaN(v) && math.Abs(v) < 1 {
+		return fmt.Sprintf("%.3f", v)
+	}
+	return fmtF(v)
 }
 
 func fmtRatio(v float64) string {

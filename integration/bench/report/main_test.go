@@ -1,6 +1,9 @@
 package main
 
 import (
+	"math"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -45,6 +48,94 @@ func TestReport(t *testing.T) {
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestReportCPU(t *testing.T) {
+	// three rounds of the edge, one of them from before compare.sh measured
+	// CPU time; nginx; the ceiling, whose sink figure is idle and left out
+	// of its total; the backend, which is the sink and has no sink figure
+	const input = `
+{"case":"starttls-c256","title":"STARTTLS c=256","peer":"edge 587","base":"edge 587","round":1,"result":{"mode":"run","sessions_per_s":1000,"sessions":10000},"cpu_ms_per_session":{"peer":0.6,"sink":0.2,"loadgen":0.9}}
+{"case":"starttls-c256","title":"STARTTLS c=256","peer":"edge 587","base":"edge 587","round":2,"result":{"mode":"run","sessions_per_s":1200,"sessions":12000},"cpu_ms_per_session":{"peer":0.5,"sink":0.1,"loadgen":0.8}}
+{"case":"starttls-c256","title":"STARTTLS c=256","peer":"edge 587","base":"edge 587","round":3,"result":{"mode":"run","sessions_per_s":1100,"sessions":11000}}
+{"case":"starttls-c256","title":"STARTTLS c=256","peer":"nginx 587","base":"edge 587","round":1,"result":{"mode":"run","sessions_per_s":1000,"sessions":10000},"cpu_ms_per_session":{"peer":0.7,"sink":0.25,"loadgen":0.85}}
+{"case":"starttls-c256","title":"STARTTLS c=256","peer":"ceiling 587","base":"edge 587","round":1,"result":{"mode":"run","sessions_per_s":2000,"sessions":20000},"cpu_ms_per_session":{"peer":0.4,"sink":0.01,"loadgen":0.6}}
+{"case":"starttls-c256","title":"STARTTLS c=256","peer":"backend (plain)","base":"edge 587","round":1,"result":{"mode":"run","sessions_per_s":8000,"sessions":80000},"cpu_ms_per_session":{"peer":0.1,"loadgen":0.15}}
+{"case":"starttls-c256","title":"STARTTLS c=256","peer":"stunnel 587","base":"edge 587","round":1,"failed":"tls: reset"}
+{"case":"hold","title":"hold","peer":"edge 587","base":"edge 587","round":1,"result":{"mode":"hold","held":1000,"noop_ok":1000},"rss_before_kib":10000,"rss_after_kib":50000}
+`
+	recs, err := read(strings.NewReader(input))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb := summarize(recs)
+	edge := tb.find("starttls-c256", "edge 587")
+	if edge.value != 1100 || edge.cpu == nil {
+		t.Fatalf("edge: %+v, want 1100 sessions/s over three rounds and CPU times from two", edge)
+	}
+	// medians of two rounds; the sums per round, then their median
+	if c := edge.cpu; !near(c.peer, 0.55) || !near(c.sink, 0.15) || !near(c.loadgen, 0.85) ||
+		!near(c.peerSink, 0.7) || !near(c.total, 1.55) || !near(c.busy, (1.7*1.0+1.4*1.2)/2) {
+		t.Errorf("edge CPU: %+v", *c)
+	}
+	if c := tb.find("starttls-c256", "ceiling 587").cpu; !near(c.total, 1.0) || !near(c.sink, 0.01) {
+		t.Errorf("ceiling CPU: %+v, want a total of loadgen and ceiling only", *c)
+	}
+	if c := tb.find("starttls-c256", "backend (plain)").cpu; !math.IsNaN(c.sink) || !near(c.total, 0.25) {
+		t.Errorf("backend CPU: %+v, want no sink figure beside the peer", *c)
+	}
+	if tb.find("hold", "edge 587").cpu != nil {
+		t.Error("hold has CPU times")
+	}
+	var b strings.Builder
+	write(&b, tb)
+	out := b.String()
+	for _, want := range []string{
+		"CPU time per completed session, ms",
+		"── STARTTLS c=256\n",
+		//  peer      sink  peer+sink  loadgen    total  ÷ ceiling  CPUs busy
+		"  edge 587               0.550     0.150      0.700     0.850      1.55       1.55       1.69\n",
+		"  nginx 587              0.700     0.250      0.950     0.850      1.80       1.80       1.80\n",
+		"  ceiling 587            0.400     0.010      0.400     0.600      1.00       1.00       2.00\n",
+		"  backend (plain)        0.100         -      0.100     0.150     0.250       0.25       2.00\n",
+		"  stunnel 587                -\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func near(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+
+// TestReprint: the committed raw results, which have no CPU times, still
+// reprint the committed table exactly.
+func TestReprint(t *testing.T) {
+	files, err := filepath.Glob("../results-*.jsonl")
+	if err != nil || len(files) == 0 {
+		t.Skip("no committed results")
+	}
+	for _, name := range files {
+		f, err := os.Open(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recs, err := read(f)
+		f.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		var b strings.Builder
+		write(&b, summarize(recs))
+		txt, err := os.ReadFile(strings.TrimSuffix(name, ".jsonl") + ".txt")
+		if err != nil {
+			t.Logf("%s: no table beside it: %v", name, err)
+			continue
+		}
+		if !strings.Contains(string(txt), b.String()) {
+			t.Errorf("%s does not reprint its table; the report says:\n%s", name, b.String())
 		}
 	}
 }
