@@ -104,14 +104,15 @@ func startACMEEdge(t *testing.T, pebble *pebbleCA, hostnames []string, opts acme
 			route {
 				smtp %s {
 					implicit_tls
+					backend %s
 				}
-				proxy %s
 			}
 		}
 		%s {
 			route {
-				smtp %s
-				proxy %s
+				smtp %s {
+					backend %s
+				}
 			}
 		}
 	}
@@ -345,10 +346,10 @@ func TestACMERenewal(t *testing.T) {
 }
 
 // TestExampleCaddyfileACME: examples/Caddyfile (production: 465, 587,
-// 2525, ACME with an email, Postfix with PROXY v2) adapts to what it says,
-// and `caddy validate` accepts it without contacting any CA: caddy runs
-// with HTTPS_PROXY and HTTP_PROXY pointed at a recorder in this test, which
-// sees no connection during validate. That the recorder would see a CA
+// 2525, ACME with an email, Postfix as the smtp handler's backend with PROXY
+// v2) adapts to what it says, and `caddy validate` accepts it without
+// contacting any CA: caddy runs with HTTPS_PROXY and HTTP_PROXY pointed at a
+// recorder in this test, which sees no connection during validate. That the recorder would see a CA
 // contact is shown by running the example itself (its listeners moved to
 // loopback ports): caddy then asks the proxy for a public ACME CA.
 func TestExampleCaddyfileACME(t *testing.T) {
@@ -420,10 +421,8 @@ func checkAdaptedExample(t *testing.T, adapted []byte) {
 		Handler       string   `json:"handler"`
 		Hostnames     []string `json:"hostnames"`
 		ImplicitTLS   bool     `json:"implicit_tls"`
+		Backends      []string `json:"backends"`
 		ProxyProtocol string   `json:"proxy_protocol"`
-		Upstreams     []struct {
-			Dial []string `json:"dial"`
-		} `json:"upstreams"`
 	}
 	var cfg struct {
 		Apps struct {
@@ -462,17 +461,18 @@ func checkAdaptedExample(t *testing.T, adapted []byte) {
 			continue
 		}
 		seen[listen] = true
-		if len(srv.Routes) != 1 || len(srv.Routes[0].Handle) != 2 {
-			t.Errorf("%s: want one route with smtp then proxy: %+v", listen, srv.Routes)
+		// the smtp handler relays to Postfix itself: it is the route's
+		// only handler
+		if len(srv.Routes) != 1 || len(srv.Routes[0].Handle) != 1 {
+			t.Errorf("%s: want one route with the smtp handler alone: %+v", listen, srv.Routes)
 			continue
 		}
-		smtpH, proxyH := srv.Routes[0].Handle[0], srv.Routes[0].Handle[1]
+		smtpH := srv.Routes[0].Handle[0]
 		if smtpH.Handler != "smtp" || strings.Join(smtpH.Hostnames, " ") != "mail.example.com" || smtpH.ImplicitTLS != implicit {
 			t.Errorf("%s: smtp handler %+v, want hostnames [mail.example.com], implicit_tls %v", listen, smtpH, implicit)
 		}
-		if proxyH.Handler != "proxy" || proxyH.ProxyProtocol != "v2" || len(proxyH.Upstreams) != 1 ||
-			strings.Join(proxyH.Upstreams[0].Dial, " ") != "127.0.0.1:10587" {
-			t.Errorf("%s: proxy handler %+v, want one upstream 127.0.0.1:10587 with PROXY v2", listen, proxyH)
+		if strings.Join(smtpH.Backends, " ") != "127.0.0.1:10587" || smtpH.ProxyProtocol != "v2" {
+			t.Errorf("%s: smtp handler %+v, want backends [127.0.0.1:10587] with proxy_protocol v2", listen, smtpH)
 		}
 	}
 	for listen := range want {

@@ -337,8 +337,16 @@ func testBackendDown(t *testing.T, env *authEnv, l listener) {
 		t.Fatalf("TLS: %v", err)
 	}
 	defer conn.Close()
+	expectBackendUnavailable(t, conn, l.mode)
+}
+
+// expectBackendUnavailable reads the edge's 421 4.4.1 for a backend it
+// could not reach, on a connection just after TLS: right away with implicit
+// TLS, in answer to EHLO after STARTTLS; then the connection must close.
+func expectBackendUnavailable(t *testing.T, conn *tls.Conn, mode tlsMode) {
+	t.Helper()
 	tp := textproto.NewConn(conn)
-	if l.mode == startTLS {
+	if mode == startTLS {
 		// the write may race with the edge's close; the reply is
 		// what counts
 		_ = tp.PrintfLine("EHLO client.localhost")

@@ -37,8 +37,8 @@ func TestCertificateSharedWithHTTPSSite(t *testing.T) {
 			route {
 				smtp %s {
 					implicit_tls
+					backend %s
 				}
-				proxy %s
 			}
 		}
 	}
@@ -94,8 +94,8 @@ func TestAdaptAndValidateObtainNothing(t *testing.T) {
 			route {
 				smtp %s mail.example.com {
 					implicit_tls
+					backend %s
 				}
-				proxy %s
 			}
 		}
 	}

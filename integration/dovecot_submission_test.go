@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
@@ -16,10 +17,10 @@ import (
 
 // TestDovecotSubmissionBehindEdge runs Dovecot's submission service behind
 // the edge with examples/dovecot-submission/dovecot.conf, in a Dovecot whose
-// other services require TLS (ssl = required): PROXY v2 and v1 from
-// caddy-l4's proxy, AUTH PLAIN and LOGIN after TLS, a wrong password, and the client's
-// own address in Dovecot's log and in the Received: header of the message it
-// relays to a go-smtp server.
+// other services require TLS (ssl = required): PROXY v2 and v1 from the smtp
+// handler's backend option and from caddy-l4's proxy, AUTH PLAIN and LOGIN
+// after TLS, a wrong password, and the client's own address in Dovecot's log
+// and in the Received: header of the message it relays to a go-smtp server.
 func TestDovecotSubmissionBehindEdge(t *testing.T) {
 	requireRootMTA(t, map[string]string{"dovecot": "dovecot-core", "/usr/lib/dovecot/submission": "dovecot-submissiond"})
 	dir := mtaTempDir(t)
@@ -46,10 +47,23 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 		t.Fatalf("Dovecot's submission listener: %v\n%s", err, dovecot.log.tail())
 	}
 
-	proc, listeners := startProxyEdges(t, submissionAddr)
+	proc, edges := startProxyEdges(t, submissionAddr)
 	cfg := proc.tlsConfig(firstHost)
 
 	logins := map[string]int{} // successful sessions so far, per mechanism
+	for w, way := range relayWays {
+		t.Run(string(way), func(t *testing.T) {
+			testDovecotSubmission(t, dovecot, sink, cfg, edges[way], logins, wayIP(w, 8))
+		})
+	}
+}
+
+// testDovecotSubmission runs the checks of TestDovecotSubmissionBehindEdge
+// through the edges of one relayWay. logins counts the successful sessions
+// so far, per mechanism, over all the ways; wrongIP is the client's address
+// for the wrong password.
+func testDovecotSubmission(t *testing.T, dovecot *dovecotAuth, sink *mtaSink, cfg *tls.Config,
+	listeners []postfixListener, logins map[string]int, wrongIP string) {
 	for _, l := range listeners {
 		for _, mech := range []string{"PLAIN", "LOGIN"} {
 			logins[mech]++
@@ -80,13 +94,13 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 	}
 
 	t.Run("wrong password", func(t *testing.T) {
-		c := dialFrom(t, listeners[1].listener, cfg, "127.0.0.8")
+		c := dialFrom(t, listeners[1].listener, cfg, wrongIP)
 		plain := base64.StdEncoding.EncodeToString([]byte("\x00" + postfixUser + "\x00wrong"))
 		code, msg := authSteps(t, c.Text, []string{"AUTH PLAIN " + plain})
 		if code != 535 {
 			t.Fatalf("AUTH PLAIN with a wrong password: %d %s, want Dovecot's 535", code, msg)
 		}
-		dovecot.log.wait(t, regexp.MustCompile(`passwd-file\(`+postfixUser+`,127\.0\.0\.8[,)].*Password mismatch`))
+		dovecot.log.wait(t, regexp.MustCompile(`passwd-file\(`+postfixUser+`,`+regexp.QuoteMeta(wrongIP)+`[,)].*Password mismatch`))
 	})
 }
 

@@ -190,16 +190,16 @@ func eximPasswd(t *testing.T, path, name, password string) {
 }
 
 type eximEnv struct {
-	proc      *caddyProc
-	exim      *eximInstance
-	sink      *mtaSink
-	backend   string // the edge's listener in Exim (PROXY required)
-	local     string // Exim's other listener, as a local program uses it
-	listeners []postfixListener
+	proc    *caddyProc
+	exim    *eximInstance
+	sink    *mtaSink
+	backend string // the edge's listener in Exim (PROXY required)
+	local   string // Exim's other listener, as a local program uses it
+	edges   proxyEdges
 }
 
 // startEximEnv starts the sink, Exim with the example, and one caddy with
-// four edges into Exim: implicit TLS and STARTTLS, each with PROXY v1 and v2.
+// eight edges into Exim (see startProxyEdges).
 func startEximEnv(t *testing.T) *eximEnv {
 	t.Helper()
 	exim := requireExim(t)
@@ -220,12 +220,13 @@ func startEximEnv(t *testing.T) *eximEnv {
 		strings.NewReplacer("{{SINKPORT}}", sinkPort).Replace(eximSinkConf)
 	env.exim = startExim(t, exim, dir, conf, []string{env.backend, env.local})
 
-	env.proc, env.listeners = startProxyEdges(t, env.backend)
+	env.proc, env.edges = startProxyEdges(t, env.backend)
 	return env
 }
 
 // TestEximBehindEdge runs Exim behind the edge with examples/exim/exim.conf:
-// PROXY v1 and v2 from caddy-l4's proxy on implicit TLS and STARTTLS, the
+// PROXY v1 and v2 from the smtp handler's backend option and from caddy-l4's
+// proxy, on implicit TLS and STARTTLS, the
 // client's own address in Exim's log and in the Received: header of the
 // message it relays to a go-smtp sink, AUTH PLAIN and LOGIN after TLS, a
 // wrong password, no relaying without AUTH, and hosts_proxy confined to the
@@ -233,28 +234,34 @@ func startEximEnv(t *testing.T) *eximEnv {
 func TestEximBehindEdge(t *testing.T) {
 	env := startEximEnv(t)
 
-	for _, l := range env.listeners {
-		t.Run("client address/"+l.String(), func(t *testing.T) {
-			testEximDelivery(t, env, l, "PLAIN")
+	for w, way := range relayWays {
+		listeners := env.edges[way]
+		t.Run(string(way), func(t *testing.T) {
+			for _, l := range listeners {
+				t.Run("client address/"+l.String(), func(t *testing.T) {
+					testEximDelivery(t, env, l, "PLAIN")
+				})
+			}
+			for _, l := range listeners[:2] {
+				t.Run("AUTH LOGIN/"+l.mode.String(), func(t *testing.T) {
+					testEximDelivery(t, env, l, "LOGIN")
+				})
+			}
+			for i, c := range []struct{ ip, mech string }{
+				{wayIP(w, 11), "PLAIN"}, {wayIP(w, 12), "LOGIN"}, // implicit TLS
+				{wayIP(w, 13), "PLAIN"}, {wayIP(w, 14), "LOGIN"}, // STARTTLS
+			} {
+				l := listeners[i/2]
+				t.Run("wrong password/"+c.mech+"/"+l.mode.String(), func(t *testing.T) {
+					testEximWrongPassword(t, env, l, c.ip, c.mech)
+				})
+			}
+			t.Run("no relay without AUTH from the edge's address", func(t *testing.T) {
+				testEximNoRelayWithoutAuth(t, env, listeners[0], fmt.Sprintf("anyone%d@example.com", w))
+			})
 		})
 	}
-	for _, l := range env.listeners[:2] {
-		t.Run("AUTH LOGIN/"+l.mode.String(), func(t *testing.T) {
-			testEximDelivery(t, env, l, "LOGIN")
-		})
-	}
-	for i, c := range []struct{ ip, mech string }{
-		{"127.0.0.11", "PLAIN"}, {"127.0.0.12", "LOGIN"}, // implicit TLS
-		{"127.0.0.13", "PLAIN"}, {"127.0.0.14", "LOGIN"}, // STARTTLS
-	} {
-		l := env.listeners[i/2]
-		t.Run("wrong password/"+c.mech+"/"+l.mode.String(), func(t *testing.T) {
-			testEximWrongPassword(t, env, l, c.ip, c.mech)
-		})
-	}
-	t.Run("no relay without AUTH from the edge's address", func(t *testing.T) {
-		testEximNoRelayWithoutAuth(t, env, env.listeners[0])
-	})
+	// Exim alone, without the edge
 	t.Run("edge listener requires PROXY", func(t *testing.T) {
 		testEximProxyRequired(t, env)
 	})
@@ -354,17 +361,18 @@ func testEximWrongPassword(t *testing.T, env *eximEnv, l postfixListener, ip, me
 
 // testEximNoRelayWithoutAuth: a client without AUTH that connects from the
 // edge's own address 127.0.0.1 cannot relay: the example's ACL admits
-// sessions through the edge on AUTH only, never by address.
-func testEximNoRelayWithoutAuth(t *testing.T, env *eximEnv, l postfixListener) {
+// sessions through the edge on AUTH only, never by address. The sender
+// address finds the session's line in Exim's log.
+func testEximNoRelayWithoutAuth(t *testing.T, env *eximEnv, l postfixListener, sender string) {
 	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), "127.0.0.1")
-	if err := c.Mail("anyone@example.com"); err != nil {
+	if err := c.Mail(sender); err != nil {
 		t.Fatalf("MAIL: %v", err)
 	}
 	err := c.Rcpt("rcpt@example.net")
 	if code := replyCode(err); code != 550 || !strings.Contains(err.Error(), "Authentication required") {
 		t.Fatalf("RCPT without AUTH: %v, want the example's 550 Authentication required", err)
 	}
-	env.exim.log.wait(t, regexp.MustCompile(`H=\(client\.localhost\) \[127\.0\.0\.1\] F=<anyone@example\.com> rejected RCPT <rcpt@example\.net>: Authentication required`))
+	env.exim.log.wait(t, regexp.MustCompile(`H=\(client\.localhost\) \[127\.0\.0\.1\] F=<`+regexp.QuoteMeta(sender)+`> rejected RCPT <rcpt@example\.net>: Authentication required`))
 }
 
 // testEximProxyRequired: a connection from the edge's address to the edge's

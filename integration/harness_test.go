@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -190,13 +191,16 @@ func (l listener) port() string {
 	return port
 }
 
-// edgeConfig is one layer4 server block with an smtp handler and a proxy.
+// edgeConfig is one layer4 server block with an smtp handler that relays
+// to Backend with its own backend option (the recommended configuration),
+// or, with Proxy, an smtp handler followed by caddy-l4's proxy.
 type edgeConfig struct {
 	Addrs       []string
 	Hostnames   []string
 	ImplicitTLS bool
 	Options     []string // extra lines inside the smtp block
-	Backend     string   // the proxy's upstream
+	Backend     string   // the mail server: smtp's backend (addresses separated by spaces), or the proxy's upstream
+	Proxy       bool     // relay through caddy-l4's proxy instead of smtp's backend option
 }
 
 // sinkConfig is one layer4 server block with the smtp_sink handler.
@@ -223,15 +227,20 @@ var caddyfileTemplate = template.Must(template.New("Caddyfile").Funcs(template.F
 {{- range .Edges}}
 		{{join .Addrs " "}} {
 			route {
-				smtp {{join .Hostnames " "}}{{if or .ImplicitTLS .Options}} {
+				smtp {{join .Hostnames " "}}{{if or .ImplicitTLS .Options (not .Proxy)}} {
 {{- if .ImplicitTLS}}
 					implicit_tls
+{{- end}}
+{{- if not .Proxy}}
+					backend {{.Backend}}
 {{- end}}
 {{- range .Options}}
 					{{.}}
 {{- end}}
 				}{{end}}
+{{- if .Proxy}}
 				proxy {{.Backend}}
+{{- end}}
 			}
 		}
 {{- end}}
@@ -496,6 +505,49 @@ func (p *caddyProc) printLog(t *testing.T, caddyfile string) {
 	t.Logf("Caddyfile:\n%s\ncaddy output (%s):\n%s", caddyfile, p.logPath, out)
 }
 
+// logEntries returns the JSON entries of caddy's log so far (lines that
+// are not JSON objects are left out).
+func (p *caddyProc) logEntries(t *testing.T) []map[string]any {
+	t.Helper()
+	out, err := os.ReadFile(p.logPath)
+	if err != nil {
+		t.Fatalf("reading caddy's log: %v", err)
+	}
+	var entries []map[string]any
+	for _, line := range bytes.Split(out, []byte("\n")) {
+		var e map[string]any
+		if json.Unmarshal(line, &e) == nil {
+			entries = append(entries, e)
+		}
+	}
+	return entries
+}
+
+// waitLogEntry polls caddy's log, within ioTimeout, for an entry that match
+// accepts, and returns it. what names the entry in the failure.
+func (p *caddyProc) waitLogEntry(t *testing.T, what string, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(ioTimeout)
+	for {
+		for _, e := range p.logEntries(t) {
+			if match(e) {
+				return e
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("caddy's log has no entry %s after %s", what, ioTimeout)
+		}
+		time.Sleep(20 * time.Millisecond) // polling interval of a log check
+	}
+}
+
+// logField is an entry's field as a string ("" when it is missing or not a
+// string).
+func logField(e map[string]any, name string) string {
+	s, _ := e[name].(string)
+	return s
+}
+
 // rootPath is the certificate of Caddy's local CA root.
 func (p *caddyProc) rootPath() string {
 	return filepath.Join(p.dataDir, "caddy", "pki", "authorities", "local", "root.crt")
@@ -547,8 +599,15 @@ func (p *caddyProc) verifyLeaf(chain []*x509.Certificate, host string) error {
 // dialTLS connects to l and completes the TLS handshake, with the STARTTLS
 // dialogue first on a STARTTLS listener. The connection has a deadline of
 // ioTimeout.
-func dialTLS(l listener, cfg *tls.Config) (*tls.Conn, error) {
-	conn, err := net.DialTimeout("tcp", l.addr, 10*time.Second)
+func dialTLS(l listener, cfg *tls.Config) (*tls.Conn, error) { return dialTLSFrom(l, cfg, "") }
+
+// dialTLSFrom is dialTLS from the loopback address localIP ("" for any).
+func dialTLSFrom(l listener, cfg *tls.Config, localIP string) (*tls.Conn, error) {
+	d := net.Dialer{Timeout: 10 * time.Second}
+	if localIP != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(localIP)}
+	}
+	conn, err := d.Dial("tcp", l.addr)
 	if err != nil {
 		return nil, err
 	}

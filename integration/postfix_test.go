@@ -28,24 +28,44 @@ const (
 	clientIP = "127.0.0.7"
 )
 
-// postfixListener is an edge listener and the PROXY protocol version its
-// proxy sends to Postfix.
+// relayWay is how an edge of startProxyEdges relays the session to the MTA.
+type relayWay string
+
+const (
+	// viaBackend: the smtp handler's own backend and proxy_protocol
+	// options, as the examples have them (the recommended configuration)
+	viaBackend relayWay = "smtp backend"
+	// viaProxy: the smtp handler followed by caddy-l4's proxy with its
+	// proxy_protocol option
+	viaProxy relayWay = "caddy-l4 proxy"
+)
+
+// relayWays are the ways every MTA test runs through, the examples' first.
+var relayWays = []relayWay{viaBackend, viaProxy}
+
+// postfixListener is an edge listener, the PROXY protocol version it sends
+// to the MTA, and the way it relays.
 type postfixListener struct {
 	listener
 	proxyProtocol string // "v1" or "v2"
+	via           relayWay
 }
 
+// proxyEdges are the listeners of startProxyEdges by the way they relay:
+// PROXY v2 with implicit TLS, v2 with STARTTLS, v1 with implicit TLS, v1
+// with STARTTLS.
+type proxyEdges map[relayWay][]postfixListener
+
 type postfixEnv struct {
-	proc      *caddyProc
-	postfix   *postfixInstance
-	dovecot   *dovecotAuth
-	sink      *mtaSink
-	listeners []postfixListener
+	proc    *caddyProc
+	postfix *postfixInstance
+	dovecot *dovecotAuth
+	sink    *mtaSink
+	edges   proxyEdges
 }
 
 // startPostfixEnv starts the sink, Postfix and Dovecot from the examples,
-// and one caddy with four edges into Postfix: implicit TLS and STARTTLS,
-// each with PROXY v1 and v2.
+// and one caddy with eight edges into Postfix (see startProxyEdges).
 func startPostfixEnv(t *testing.T) *postfixEnv {
 	t.Helper()
 	requireRootMTA(t, map[string]string{"postfix": "postfix", "dovecot": "dovecot-core"})
@@ -74,7 +94,7 @@ func startPostfixEnv(t *testing.T) *postfixEnv {
 	// idle smtpd processes) before it exits
 	t.Cleanup(func() { env.postfix.stop(t) })
 
-	env.proc, env.listeners = startProxyEdges(t, postfixAddr)
+	env.proc, env.edges = startProxyEdges(t, postfixAddr)
 	return env
 }
 
@@ -82,26 +102,48 @@ func (l postfixListener) String() string {
 	return fmt.Sprintf("PROXY %s, %s", l.proxyProtocol, l.mode)
 }
 
-// startProxyEdges starts one caddy with four edges into backend, as the MTA
-// examples have them: implicit TLS and STARTTLS, each with PROXY v2 and v1.
-func startProxyEdges(t *testing.T, backend string) (*caddyProc, []postfixListener) {
+// startProxyEdges starts one caddy with eight edges into backend, the four
+// of the MTA examples (implicit TLS and STARTTLS, each with PROXY v2 and
+// v1) once for each relayWay: with the smtp handler's backend and
+// proxy_protocol options, as the examples have them, and with the smtp
+// handler followed by caddy-l4's proxy and its proxy_protocol.
+func startProxyEdges(t *testing.T, backend string) (*caddyProc, proxyEdges) {
 	t.Helper()
-	var listeners []postfixListener
+	var edges proxyEdges
 	proc := startCaddy(t, func() caddySetup {
-		listeners = []postfixListener{
-			{listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}, "v2"},
-			{listener{name: "submission", mode: startTLS, addr: freeAddr(t)}, "v2"},
-			{listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}, "v1"},
-			{listener{name: "submission", mode: startTLS, addr: freeAddr(t)}, "v1"},
-		}
+		edges = proxyEdges{}
 		var servers strings.Builder
 		var addrs []string
-		for _, l := range listeners {
-			implicit := ""
-			if l.mode == implicitTLS {
-				implicit = " {\n\t\t\t\t\timplicit_tls\n\t\t\t\t}"
+		for _, way := range relayWays {
+			for _, l := range []postfixListener{
+				{listener{name: "submissions", mode: implicitTLS}, "v2", way},
+				{listener{name: "submission", mode: startTLS}, "v2", way},
+				{listener{name: "submissions", mode: implicitTLS}, "v1", way},
+				{listener{name: "submission", mode: startTLS}, "v1", way},
+			} {
+				l.addr = freeAddr(t)
+				edges[way] = append(edges[way], l)
+				addrs = append(addrs, l.addr)
+				implicit := ""
+				if l.mode == implicitTLS {
+					implicit = "\n\t\t\t\t\timplicit_tls"
+				}
+				if way == viaBackend {
+					fmt.Fprintf(&servers, `
+		%s {
+			route {
+				smtp %s {%s
+					backend %s
+					proxy_protocol %s
+				}
 			}
-			fmt.Fprintf(&servers, `
+		}`, l.addr, firstHost, implicit, backend, l.proxyProtocol)
+					continue
+				}
+				if implicit != "" {
+					implicit = " {" + implicit + "\n\t\t\t\t}"
+				}
+				fmt.Fprintf(&servers, `
 		%s {
 			route {
 				smtp %s%s
@@ -110,45 +152,56 @@ func startProxyEdges(t *testing.T, backend string) (*caddyProc, []postfixListene
 				}
 			}
 		}`, l.addr, firstHost, implicit, backend, l.proxyProtocol)
-			addrs = append(addrs, l.addr)
+			}
 		}
 		return caddySetup{
 			caddyfile: "{\n\tadmin off\n\tskip_install_trust\n\tdebug\n\n\tlayer4 {" +
 				servers.String() + "\n\t}\n}\n",
 			addrs:     addrs,
-			probe:     listeners[0].listener,
+			probe:     edges[viaBackend][0].listener,
 			hostnames: []string{firstHost},
 		}
 	})
-	return proc, listeners
+	return proc, edges
 }
+
+// wayIP is the loopback address number n of the way with index w (of
+// relayWays): the tests that look for a client's address in an MTA's log
+// use addresses of their own for each way, so that the second way cannot
+// find the first one's lines.
+func wayIP(w, n int) string { return fmt.Sprintf("127.0.0.%d", n+20*w) }
 
 func TestPostfixBehindEdge(t *testing.T) {
 	env := startPostfixEnv(t)
 
-	for _, l := range env.listeners {
-		t.Run("client address/"+l.String(), func(t *testing.T) {
-			testPostfixClientAddress(t, env, l)
-		})
-	}
-	for _, l := range env.listeners[:2] {
-		t.Run("AUTH LOGIN/"+l.mode.String(), func(t *testing.T) {
-			testPostfixAuthLogin(t, env, l)
-		})
-	}
-	t.Run("no AUTH before TLS", func(t *testing.T) {
-		testPostfixNoAuthBeforeTLS(t, env, env.listeners[1])
-	})
-	t.Run("no relay without AUTH from the edge's address", func(t *testing.T) {
-		testPostfixNoRelayWithoutAuth(t, env, env.listeners[0])
-	})
-	for i, c := range []struct{ ip, mech string }{
-		{"127.0.0.11", "PLAIN"}, {"127.0.0.12", "LOGIN"}, // implicit TLS
-		{"127.0.0.13", "PLAIN"}, {"127.0.0.14", "LOGIN"}, // STARTTLS
-	} {
-		l := env.listeners[i/2]
-		t.Run("wrong password/"+c.mech+"/"+l.mode.String(), func(t *testing.T) {
-			testPostfixWrongPassword(t, env, l, c.ip, c.mech)
+	for w, way := range relayWays {
+		listeners := env.edges[way]
+		t.Run(string(way), func(t *testing.T) {
+			for _, l := range listeners {
+				t.Run("client address/"+l.String(), func(t *testing.T) {
+					testPostfixClientAddress(t, env, l)
+				})
+			}
+			for _, l := range listeners[:2] {
+				t.Run("AUTH LOGIN/"+l.mode.String(), func(t *testing.T) {
+					testPostfixAuthLogin(t, env, l)
+				})
+			}
+			t.Run("no AUTH before TLS", func(t *testing.T) {
+				testPostfixNoAuthBeforeTLS(t, env, listeners[1], wayIP(w, 9), wayIP(w, 10))
+			})
+			t.Run("no relay without AUTH from the edge's address", func(t *testing.T) {
+				testPostfixNoRelayWithoutAuth(t, env, listeners[0])
+			})
+			for i, c := range []struct{ ip, mech string }{
+				{wayIP(w, 11), "PLAIN"}, {wayIP(w, 12), "LOGIN"}, // implicit TLS
+				{wayIP(w, 13), "PLAIN"}, {wayIP(w, 14), "LOGIN"}, // STARTTLS
+			} {
+				l := listeners[i/2]
+				t.Run("wrong password/"+c.mech+"/"+l.mode.String(), func(t *testing.T) {
+					testPostfixWrongPassword(t, env, l, c.ip, c.mech)
+				})
+			}
 		})
 	}
 }
@@ -308,11 +361,10 @@ func authSteps(t *testing.T, tp *textproto.Conn, steps []string) (int, string) {
 
 // testPostfixNoAuthBeforeTLS: before STARTTLS the edge offers no AUTH and
 // answers AUTH with 530; Postfix and Dovecot never hear of the session. The
-// pre-TLS client uses its own address (127.0.0.9); a later session from
-// 127.0.0.10 marks the point in Postfix's log by which the first would have
+// pre-TLS client uses an address of its own (preTLSIP); a later session from
+// markerIP marks the point in Postfix's log by which the first would have
 // been logged.
-func testPostfixNoAuthBeforeTLS(t *testing.T, env *postfixEnv, l postfixListener) {
-	const preTLSIP, markerIP = "127.0.0.9", "127.0.0.10"
+func testPostfixNoAuthBeforeTLS(t *testing.T, env *postfixEnv, l postfixListener, preTLSIP, markerIP string) {
 	d := net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(preTLSIP)}}
 	conn, err := d.Dial("tcp", l.addr)
 	if err != nil {

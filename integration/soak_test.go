@@ -75,16 +75,16 @@ func TestSoak(t *testing.T) {
 			route {
 				smtp %s {
 					implicit_tls
+					backend %s
 				}
-				proxy %s
 			}
 		}
 		%s {
 			route {
 				smtp %s {
 					greeting "ESMTP generation-%d"
+					backend %s
 				}
-				proxy %s
 			}
 		}
 	}
