@@ -77,25 +77,22 @@ func parseBackend(s string) (backendAddr, error) {
 
 // dialBackend connects to the first backend address that answers, within
 // the backend timeout counted from start, and sends the PROXY protocol
-// header if one is configured.
+// header if one is configured. Each address gets an equal share of the time
+// left, so that one that drops packets (rather than refusing) does not use
+// up the time of the addresses after it.
 func (h *Handler) dialBackend(cx *layer4.Connection, start time.Time) (net.Conn, error) {
-	ctx, cancel := context.WithDeadline(context.Background(), start.Add(h.backend))
-	defer cancel()
+	deadline := start.Add(h.backend)
 	var dialer net.Dialer
 	var errs []error
 	for i, addr := range h.backends {
-		up, err := dialer.DialContext(ctx, addr.network, addr.address)
-		if err == nil && h.proxyProtocol != 0 {
-			err = h.writeProxyHeader(ctx, cx, up)
-			if err != nil {
-				_ = up.Close()
-			}
-		}
+		left := len(h.backends) - i
+		share := time.Until(deadline) / time.Duration(left)
+		up, err := h.dialOne(&dialer, cx, addr, time.Now().Add(share))
 		if err == nil {
 			return up, nil
 		}
 		errs = append(errs, err)
-		if i < len(h.backends)-1 && ctx.Err() == nil {
+		if left > 1 && time.Now().Before(deadline) {
 			h.logger.Warn("mail server unreachable; trying the next backend",
 				zap.String("remote", cx.RemoteAddr().String()),
 				zap.String("backend", addr.address),
@@ -105,18 +102,34 @@ func (h *Handler) dialBackend(cx *layer4.Connection, start time.Time) (net.Conn,
 	return nil, fmt.Errorf("dialing the backend: %w", errors.Join(errs...))
 }
 
+// dialOne dials one backend address and sends the PROXY header, by the
+// deadline.
+func (h *Handler) dialOne(dialer *net.Dialer, cx *layer4.Connection, addr backendAddr, deadline time.Time) (net.Conn, error) {
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	up, err := dialer.DialContext(ctx, addr.network, addr.address)
+	if err != nil {
+		return nil, err
+	}
+	if h.proxyProtocol != 0 {
+		if err := h.writeProxyHeader(cx, up, deadline); err != nil {
+			_ = up.Close()
+			return nil, err
+		}
+	}
+	return up, nil
+}
+
 // writeProxyHeader tells the backend who the client is. The addresses are
 // those of the client connection, or those a proxy_protocol handler in front
 // of this one has read.
-func (h *Handler) writeProxyHeader(ctx context.Context, cx *layer4.Connection, up net.Conn) error {
+func (h *Handler) writeProxyHeader(cx *layer4.Connection, up net.Conn, deadline time.Time) error {
 	client := l4proxyprotocol.GetConn(cx)
 	header := proxyproto.HeaderProxyFromAddrs(byte(h.proxyProtocol), client.RemoteAddr(), client.LocalAddr())
-	if deadline, ok := ctx.Deadline(); ok {
-		_ = up.SetWriteDeadline(deadline)
-		defer func() { _ = up.SetWriteDeadline(time.Time{}) }()
-	}
+	_ = up.SetWriteDeadline(deadline)
+	defer func() { _ = up.SetWriteDeadline(time.Time{}) }()
 	if _, err := header.WriteTo(up); err != nil {
-		return fmt.Errorf("writing the PROXY header: %w", err)
+		return fmt.Errorf("writing the PROXY header to %s: %w", up.RemoteAddr(), err)
 	}
 	return nil
 }

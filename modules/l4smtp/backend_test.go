@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -265,4 +266,70 @@ func TestBackendClosedWhenSessionEnds(t *testing.T) {
 		t.Fatalf("got %q", got)
 	}
 	<-done
+}
+
+// unansweredAddr is a loopback address where connections are neither
+// accepted nor refused: a listener whose accept queue is full, so the kernel
+// drops further SYNs, as a firewall that drops packets does.
+func unansweredAddr(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+	// fill the queue (never accepted) until a dial gets no answer
+	for range 8 {
+		conn, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			return addr
+		}
+		t.Cleanup(func() { conn.Close() })
+	}
+	t.Fatalf("%s keeps accepting", addr)
+	return ""
+}
+
+// An address that never answers gets only its share of the backend
+// timeout, so the next address is still tried in time.
+func TestBackendFailoverFromUnansweredAddress(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	via := relayVia{ln: ln}
+	silent := unansweredAddr(t)
+	h, logs := newTestHandler(t, func(h *Handler) {
+		h.Backends = []string{silent, ln.Addr().String()}
+		h.Timeouts.Backend = caddy.Duration(2 * time.Second)
+	})
+	conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
+		b.send("220 backend ESMTP\r\n")
+		b.expect("QUIT")
+		b.send("221 2.0.0 Bye\r\n")
+		b.finish()
+		return nil
+	})
+	if got := readReplies(t, r, 1)[0]; got != "220 backend ESMTP" {
+		t.Fatalf("got %q, want the second backend's greeting", got)
+	}
+	io.WriteString(conn, "QUIT\r\n")
+	readReplies(t, r, 1)
+	<-done
+	warned := logs.FilterMessage("mail server unreachable; trying the next backend")
+	if warned.Len() != 1 || warned.All()[0].ContextMap()["backend"] != silent {
+		t.Errorf("want one warning naming %s; log: %v", silent, logs.All())
+	}
 }
