@@ -32,7 +32,8 @@
 #   --duration  time per load run (env BENCH_DURATION, default 10s)
 #   --rounds    rounds of the load cases (env BENCH_ROUNDS, default 3)
 #   --hold      sessions to hold open for the memory case (env BENCH_HOLD, default 5000)
-#   --out       also write the table (and the machine) to FILE
+#   --out       also write the table (and the machine) to FILE, and the raw results
+#               beside it (FILE with .jsonl for .txt), so that report can reprint it
 #   --keep      keep the work directory (configs, logs, raw results) and say where
 #   --profile   save CPU profiles of the edge during its c=256 runs in round 1 and a
 #               heap profile while it holds its sessions (implies --keep)
@@ -582,4 +583,5 @@ done
 	echo
 	"$bin/report" "$results"
 } | if [ -n "$out_file" ]; then tee "$out_file"; else cat; fi
+if [ -n "$out_file" ]; then cp "$results" "${out_file%.txt}.jsonl"; fi
 if [ -n "$profile" ]; then log "profiles: $work/*.pprof (go tool pprof -top $bin/caddy FILE)"; fi
