@@ -16,7 +16,7 @@ import (
 )
 
 // refusedAddr is a loopback address where nothing listens.
-func refusedAddr(t *testing.T) string {
+func refusedAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -25,41 +25,6 @@ func refusedAddr(t *testing.T) string {
 	addr := ln.Addr().String()
 	ln.Close()
 	return addr
-}
-
-// An address that cannot be dialled is skipped for the next one, with a
-// warning that names it.
-func TestBackendFailover(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	via := relayVia{ln: ln}
-	dead := refusedAddr(t)
-	h, logs := newTestHandler(t, func(h *Handler) { h.Backends = []string{dead, ln.Addr().String()} })
-	conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
-		b.send("220 backend ESMTP\r\n")
-		b.expect("QUIT")
-		b.send("221 2.0.0 Bye\r\n")
-		b.finish()
-		return nil
-	})
-	if got := readReplies(t, r, 1)[0]; got != "220 backend ESMTP" {
-		t.Fatalf("greeting %q", got)
-	}
-	io.WriteString(conn, "QUIT\r\n")
-	if got := readReplies(t, r, 1)[0]; got != "221 2.0.0 Bye" {
-		t.Fatalf("got %q", got)
-	}
-	expectClosed(t, r)
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("mail server unreachable; trying the next backend")
-	if warned.Len() != 1 || warned.All()[0].ContextMap()["backend"] != dead {
-		t.Errorf("want one warning naming %s; log: %v", dead, logs.All())
-	}
 }
 
 // When no address can be dialled, the client gets 421 and the log has every
@@ -93,12 +58,7 @@ func TestBackendAllUnreachable(t *testing.T) {
 func TestBackendProxyProtocol(t *testing.T) {
 	for _, version := range []string{"v1", "v2"} {
 		t.Run(version, func(t *testing.T) {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { ln.Close() })
-			via := relayVia{ln: ln}
+			via := viaBackend(t)
 			h, _ := newTestHandler(t, func(h *Handler) {
 				via.configure(h)
 				h.ProxyProtocol = version
@@ -134,12 +94,7 @@ func TestBackendProxyProtocol(t *testing.T) {
 
 // A message far larger than the copy buffers arrives whole, in order.
 func TestBackendLargeMessage(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	via := relayVia{ln: ln}
+	via := viaBackend(t)
 	h, _ := newTestHandler(t, via.configure)
 	var body strings.Builder
 	for i := 0; body.Len() < 3<<20; i++ {
@@ -232,12 +187,7 @@ func TestCopySparingBuffers(t *testing.T) {
 // the backend connection rather than waiting for the backend to hang up: a
 // backend that keeps its side open must not keep the session alive.
 func TestBackendClosedWhenSessionEnds(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	via := relayVia{ln: ln}
+	via := viaBackend(t)
 	h, _ := newTestHandler(t, func(h *Handler) {
 		via.configure(h)
 		h.Timeouts.Idle = caddy.Duration(50 * time.Millisecond)
@@ -271,7 +221,7 @@ func TestBackendClosedWhenSessionEnds(t *testing.T) {
 // unansweredAddr is a loopback address where connections are neither
 // accepted nor refused: a listener whose accept queue is full, so the kernel
 // drops further SYNs, as a firewall that drops packets does.
-func unansweredAddr(t *testing.T) string {
+func unansweredAddr(t testing.TB) string {
 	t.Helper()
 	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
 	if err != nil {
@@ -301,35 +251,47 @@ func unansweredAddr(t *testing.T) string {
 	return ""
 }
 
-// An address that never answers gets only its share of the backend
-// timeout, so the next address is still tried in time.
-func TestBackendFailoverFromUnansweredAddress(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	via := relayVia{ln: ln}
-	silent := unansweredAddr(t)
-	h, logs := newTestHandler(t, func(h *Handler) {
-		h.Backends = []string{silent, ln.Addr().String()}
-		h.Timeouts.Backend = caddy.Duration(2 * time.Second)
-	})
-	conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
-		b.send("220 backend ESMTP\r\n")
-		b.expect("QUIT")
-		b.send("221 2.0.0 Bye\r\n")
-		b.finish()
-		return nil
-	})
-	if got := readReplies(t, r, 1)[0]; got != "220 backend ESMTP" {
-		t.Fatalf("got %q, want the second backend's greeting", got)
-	}
-	io.WriteString(conn, "QUIT\r\n")
-	readReplies(t, r, 1)
-	<-done
-	warned := logs.FilterMessage("mail server unreachable; trying the next backend")
-	if warned.Len() != 1 || warned.All()[0].ContextMap()["backend"] != silent {
-		t.Errorf("want one warning naming %s; log: %v", silent, logs.All())
+// An address that cannot be dialled is skipped for the next one, with a
+// warning that names it: one that refuses at once, and one that never
+// answers, which gets only its share of the backend timeout, so that the
+// next address is still tried in time.
+func TestBackendFailover(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		first func(testing.TB) string
+	}{
+		{"refused", refusedAddr},
+		{"never answers", unansweredAddr},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			via := viaBackend(t)
+			first := tt.first(t)
+			h, logs := newTestHandler(t, func(h *Handler) {
+				h.Backends = []string{first, via.ln.Addr().String()}
+				h.Timeouts.Backend = caddy.Duration(2 * time.Second)
+			})
+			conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
+				b.send("220 backend ESMTP\r\n")
+				b.expect("QUIT")
+				b.send("221 2.0.0 Bye\r\n")
+				b.finish()
+				return nil
+			})
+			if got := readReplies(t, r, 1)[0]; got != "220 backend ESMTP" {
+				t.Fatalf("got %q, want the second backend's greeting", got)
+			}
+			io.WriteString(conn, "QUIT\r\n")
+			if got := readReplies(t, r, 1)[0]; got != "221 2.0.0 Bye" {
+				t.Fatalf("got %q", got)
+			}
+			expectClosed(t, r)
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("mail server unreachable; trying the next backend")
+			if warned.Len() != 1 || warned.All()[0].ContextMap()["backend"] != first {
+				t.Errorf("want one warning naming %s; log: %v", first, logs.All())
+			}
+		})
 	}
 }

@@ -3,7 +3,6 @@ package l4smtp
 import (
 	"bytes"
 	"io"
-	"net"
 	"strings"
 	"testing"
 )
@@ -70,12 +69,7 @@ func BenchmarkTransactionTracker(b *testing.B) {
 // and waits for each reply: the per-message cost of the relay, allocations
 // included (the TLS records' are part of it).
 func BenchmarkRelayTransaction(b *testing.B) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { ln.Close() })
-	via := relayVia{ln: ln}
+	via := viaBackend(b)
 	h, _ := newTestHandler(b, via.configure)
 	conn, r, done := serveRelay(b, h, via, false, func(be *backend) error {
 		be.send("220 backend ESMTP\r\n")

@@ -58,14 +58,19 @@ type relayVia struct {
 // the mail server behind the backend option.
 func forEachRelay(t *testing.T, f func(t *testing.T, via relayVia)) {
 	t.Run("next handler", func(t *testing.T) { f(t, relayVia{}) })
-	t.Run("backend", func(t *testing.T) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() })
-		f(t, relayVia{ln: ln})
-	})
+	t.Run("backend", func(t *testing.T) { f(t, viaBackend(t)) })
+}
+
+// viaBackend is a mail server on loopback for the backend option, closed
+// when the test ends.
+func viaBackend(t testing.TB) relayVia {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return relayVia{ln: ln}
 }
 
 // configure points the handler at the backend, if there is one.
