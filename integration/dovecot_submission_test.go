@@ -3,7 +3,6 @@ package integration
 import (
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/base64"
 	"encoding/pem"
 	"fmt"
 	"net"
@@ -95,8 +94,7 @@ func testDovecotSubmission(t *testing.T, dovecot *dovecotAuth, sink *mtaSink, cf
 
 	t.Run("wrong password", func(t *testing.T) {
 		c := dialFrom(t, listeners[1].listener, cfg, wrongIP)
-		plain := base64.StdEncoding.EncodeToString([]byte("\x00" + postfixUser + "\x00wrong"))
-		code, msg := authSteps(t, c.Text, []string{"AUTH PLAIN " + plain})
+		code, msg := authSteps(t, c.Text, wrongPasswordSteps("PLAIN"))
 		if code != 535 {
 			t.Fatalf("AUTH PLAIN with a wrong password: %d %s, want Dovecot's 535", code, msg)
 		}

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"encoding/base64"
 	"fmt"
 	"net"
 	"net/smtp"
@@ -339,13 +338,8 @@ func testEximDelivery(t *testing.T, env *eximEnv, l postfixListener, mech string
 // testEximWrongPassword: a wrong password gets Exim's 535 through the edge,
 // Exim logs the failure for the client's address, and the session goes on.
 func testEximWrongPassword(t *testing.T, env *eximEnv, l postfixListener, ip, mech string) {
-	b64 := base64.StdEncoding.EncodeToString
-	steps := []string{"AUTH PLAIN " + b64([]byte("\x00"+postfixUser+"\x00wrong"))}
-	if mech == "LOGIN" {
-		steps = []string{"AUTH LOGIN", b64([]byte(postfixUser)), b64([]byte("wrong"))}
-	}
 	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), ip)
-	code, msg := authSteps(t, c.Text, steps)
+	code, msg := authSteps(t, c.Text, wrongPasswordSteps(mech))
 	if code != 535 || !strings.Contains(msg, "Incorrect authentication data") {
 		t.Fatalf("AUTH %s with a wrong password: %d %s, want Exim's 535 Incorrect authentication data", mech, code, msg)
 	}

@@ -318,13 +318,8 @@ func testPostfixAuthLogin(t *testing.T, env *postfixEnv, l postfixListener) {
 // (its auth penalty, seconds), which would only slow the test down.
 func testPostfixWrongPassword(t *testing.T, env *postfixEnv, l postfixListener, ip, mech string) {
 	mismatch := regexp.MustCompile(`passwd-file\(` + postfixUser + `,` + regexp.QuoteMeta(ip) + `[,)].*Password mismatch`)
-	b64 := base64.StdEncoding.EncodeToString
-	steps := []string{"AUTH PLAIN " + b64([]byte("\x00"+postfixUser+"\x00wrong"))}
-	if mech == "LOGIN" {
-		steps = []string{"AUTH LOGIN", b64([]byte(postfixUser)), b64([]byte("wrong"))}
-	}
 	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), ip)
-	code, msg := authSteps(t, c.Text, steps)
+	code, msg := authSteps(t, c.Text, wrongPasswordSteps(mech))
 	if code != 535 || !strings.Contains(msg, "authentication failed") {
 		t.Fatalf("AUTH %s with a wrong password: %d %s, want Postfix's 535 ... authentication failed", mech, code, msg)
 	}
@@ -357,6 +352,16 @@ func authSteps(t *testing.T, tp *textproto.Conn, steps []string) (int, string) {
 		}
 	}
 	return 0, ""
+}
+
+// wrongPasswordSteps are the AUTH lines for postfixUser with a wrong
+// password, for mech PLAIN or LOGIN, as authSteps sends them.
+func wrongPasswordSteps(mech string) []string {
+	b64 := base64.StdEncoding.EncodeToString
+	if mech == "LOGIN" {
+		return []string{"AUTH LOGIN", b64([]byte(postfixUser)), b64([]byte("wrong"))}
+	}
+	return []string{"AUTH PLAIN " + b64([]byte("\x00"+postfixUser+"\x00wrong"))}
 }
 
 // testPostfixNoAuthBeforeTLS: before STARTTLS the edge offers no AUTH and
