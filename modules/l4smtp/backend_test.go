@@ -27,33 +27,6 @@ func refusedAddr(t testing.TB) string {
 	return addr
 }
 
-// When no address can be dialled, the client gets 421 and the log has every
-// address's error.
-func TestBackendAllUnreachable(t *testing.T) {
-	for _, implicit := range []bool{false, true} {
-		t.Run(fmt.Sprint("implicit_tls=", implicit), func(t *testing.T) {
-			dead1, dead2 := refusedAddr(t), refusedAddr(t)
-			h, logs := newTestHandler(t, func(h *Handler) { h.Backends = []string{dead1, dead2} })
-			conn, r, done := serveRelay(t, h, relayVia{}, !implicit, nil)
-			if !implicit {
-				io.WriteString(conn, "EHLO client.example\r\n")
-			}
-			if got := readReplies(t, r, 1)[0]; got != backendUnavailable {
-				t.Fatalf("got %q", got)
-			}
-			expectClosed(t, r)
-			if err := <-done; err != nil {
-				t.Errorf("relay returned %v; an unreachable backend is not a fault of the edge", err)
-			}
-			warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("mail server unavailable")
-			cause := fmt.Sprint(warned.All())
-			if warned.Len() != 1 || !strings.Contains(cause, dead1) || !strings.Contains(cause, dead2) {
-				t.Errorf("want one warning with both addresses' errors; log: %v", logs.All())
-			}
-		})
-	}
-}
-
 // The PROXY header carries the client's address, then the session follows.
 func TestBackendProxyProtocol(t *testing.T) {
 	for _, version := range []string{"v1", "v2"} {

@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // backend scripts the far side of the relay: the mail server behind the
@@ -224,28 +225,54 @@ func TestRelayRefusedGreeting(t *testing.T) {
 
 const backendUnavailable = "421 4.4.1 mail.test Service not available, closing transmission channel"
 
+// A backend that cannot be reached gets the client 421, and the log a
+// warning with the cause: the next handler's error, or with the backend
+// option, every address's.
 func TestRelayBackendUnavailable(t *testing.T) {
 	for _, implicit := range []bool{false, true} {
 		t.Run(fmt.Sprint("implicit_tls=", implicit), func(t *testing.T) {
-			h, logs := newTestHandler(t, nil)
-			conn, r, done := serveRelay(t, h, relayVia{}, !implicit, func(b *backend) error {
-				return errors.New("dial tcp 127.0.0.1:1: connect: connection refused")
+			t.Run("next handler", func(t *testing.T) {
+				h, logs := newTestHandler(t, nil)
+				conn, r, done := serveRelay(t, h, relayVia{}, !implicit, func(b *backend) error {
+					return errors.New("dial tcp 127.0.0.1:1: connect: connection refused")
+				})
+				expectBackendUnavailable(t, logs, implicit, conn, r, done, "connection refused")
 			})
-			if !implicit {
-				io.WriteString(conn, "EHLO client.example\r\n")
-			}
-			if got := readReplies(t, r, 1)[0]; got != backendUnavailable {
-				t.Fatalf("got %q", got)
-			}
-			expectClosed(t, r)
-			if err := <-done; err != nil {
-				t.Errorf("relay returned %v; the edge answered the client, it is not a fault", err)
-			}
-			warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("mail server unavailable")
-			if warned.Len() != 1 || !strings.Contains(fmt.Sprint(warned.All()[0].ContextMap()), "connection refused") {
-				t.Errorf("not logged at Warn with the cause: %v", logs.All())
-			}
+			t.Run("backend, every address refused", func(t *testing.T) {
+				dead1, dead2 := refusedAddr(t), refusedAddr(t)
+				h, logs := newTestHandler(t, func(h *Handler) { h.Backends = []string{dead1, dead2} })
+				conn, r, done := serveRelay(t, h, relayVia{}, !implicit, nil)
+				expectBackendUnavailable(t, logs, implicit, conn, r, done, dead1, dead2)
+			})
 		})
+	}
+}
+
+// expectBackendUnavailable checks that the client gets 421 (in STARTTLS
+// mode, in answer to its EHLO), that the relay returns no error (the edge
+// answered the client, it is not a fault), and that the log has one warning
+// naming each of causes.
+func expectBackendUnavailable(t *testing.T, logs *observer.ObservedLogs, implicit bool,
+	conn io.Writer, r *bufio.Reader, done <-chan error, causes ...string) {
+	t.Helper()
+	if !implicit {
+		io.WriteString(conn, "EHLO client.example\r\n")
+	}
+	if got := readReplies(t, r, 1)[0]; got != backendUnavailable {
+		t.Fatalf("got %q", got)
+	}
+	expectClosed(t, r)
+	if err := <-done; err != nil {
+		t.Errorf("relay returned %v; the edge answered the client, it is not a fault", err)
+	}
+	warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("mail server unavailable")
+	if warned.Len() != 1 {
+		t.Fatalf("want one warning; log: %v", logs.All())
+	}
+	for _, cause := range causes {
+		if !strings.Contains(fmt.Sprint(warned.All()[0].ContextMap()), cause) {
+			t.Errorf("the warning does not name %q: %v", cause, warned.All()[0].ContextMap())
+		}
 	}
 }
 
