@@ -4,11 +4,13 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/mholt/caddy-l4/layer4"
 	"github.com/mholt/caddy-l4/modules/l4tls"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // provisionTLS fills in the defaults a mail port needs and builds the TLS
@@ -39,6 +41,44 @@ func (h *Handler) provisionTLS() error {
 	}
 	h.baseTLS = h.ConnectionPolicies.TLSConfig(h.ctx)
 	return nil
+}
+
+// startTLS performs the server handshake over conn (cx itself, or cx behind
+// the first byte of the ClientHello that the STARTTLS dialogue read), within the
+// handshake timeout. It records the negotiated state the way caddy-l4's tls
+// handler does, so that later handlers and matchers can read it. It returns
+// nil when the handshake failed; the connection is then closed by the caller's
+// caller, and never used in plaintext.
+func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
+	cfg, hello := h.tlsConfig()
+	tlsConn := tls.Server(conn, cfg)
+	_ = cx.SetDeadline(time.Now().Add(h.handshake))
+	// on a goroutine of its own: the handshake needs a deep stack, and a
+	// goroutine keeps its stack's largest size for long after, while the
+	// session's goroutine lives as long as the session (idle, mostly).
+	// This saves about 8 KiB per idle session (docs/benchmarks.md).
+	handshakeDone := make(chan error, 1)
+	go func() { handshakeDone <- tlsConn.Handshake() }()
+	err := <-handshakeDone
+	_ = cx.SetDeadline(time.Time{})
+	if err != nil {
+		h.logger.Debug("TLS handshake failed",
+			zap.String("remote", cx.RemoteAddr().String()),
+			zap.Bool("implicit_tls", h.ImplicitTLS),
+			zap.Error(err))
+		return nil
+	}
+	state := tlsConn.ConnectionState()
+	recordTLS(cx, hello, &state)
+	// checked first: naming the cipher suite allocates, on every handshake
+	if ce := h.logger.Check(zapcore.DebugLevel, "terminated TLS"); ce != nil {
+		ce.Write(zap.String("remote", cx.RemoteAddr().String()),
+			zap.String("server_name", state.ServerName),
+			zap.String("tls_version", tls.VersionName(state.Version)),
+			zap.String("cipher_suite", tls.CipherSuiteName(state.CipherSuite)),
+			zap.Bool("implicit_tls", h.ImplicitTLS))
+	}
+	return tlsConn
 }
 
 // tlsConfig returns the TLS configuration for one connection, and the place
