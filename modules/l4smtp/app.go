@@ -25,11 +25,15 @@ func init() {
 // Names that no public CA will certify (localhost, *.localhost, *.internal,
 // IP addresses) and that no automation policy of the config covers get a
 // policy with Caddy's internal issuer, as the HTTP app does for them.
+//
+// The app also gives the handlers their TLS session ticket keys, when the
+// TLS app does not (see sessiontickets.go).
 type App struct {
-	names  map[string]struct{}
-	tlsApp *caddytls.TLS
-	ctx    caddy.Context
-	logger *zap.Logger
+	names   map[string]struct{}
+	tlsApp  *caddytls.TLS
+	tickets *ticketKeys // nil when the TLS app's session_tickets are configured
+	ctx     caddy.Context
+	logger  *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -50,17 +54,28 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("smtp: getting tls app: %w", err)
 	}
 	a.tlsApp = tlsApp.(*caddytls.TLS)
+	if a.tlsApp.SessionTickets == nil {
+		if a.tickets, err = startTicketKeys(ctx); err != nil {
+			return fmt.Errorf("smtp: %w", err)
+		}
+	}
 	return nil
 }
 
-// registerHostnames adds names to the smtp app of the config being
-// provisioned; it is called from the smtp handler's Provision.
-func registerHostnames(ctx caddy.Context, names []string) error {
+// Cleanup stops the session ticket key rotation that Provision started.
+func (a *App) Cleanup() error {
+	a.tickets.stop()
+	return nil
+}
+
+// smtpApp returns the smtp app of the config being provisioned, for the
+// smtp handlers' Provision.
+func smtpApp(ctx caddy.Context) (*App, error) {
 	app, err := ctx.App("smtp")
 	if err != nil {
-		return fmt.Errorf("smtp: getting smtp app: %w", err)
+		return nil, fmt.Errorf("smtp: getting smtp app: %w", err)
 	}
-	return app.(*App).register(names)
+	return app.(*App), nil
 }
 
 // register records names for management and gives the internal ones an
@@ -146,6 +161,7 @@ func (a *App) Stop() error { return nil }
 
 // Interface guards
 var (
-	_ caddy.App         = (*App)(nil)
-	_ caddy.Provisioner = (*App)(nil)
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
 )

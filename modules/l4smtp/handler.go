@@ -161,11 +161,12 @@ type Handler struct {
 	maxErrors int
 	pregreet  time.Duration // zero unless early_talker is reject
 	limits    *connLimits
-	baseTLS   *tls.Config
+	tlsConfig *tls.Config // shared by all connections: see setTLSConfig
 
 	backends      []backendAddr
 	proxyProtocol int
 
+	app    *App
 	ctx    caddy.Context
 	logger *zap.Logger
 }
@@ -221,7 +222,8 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision sets up the handler and registers its hostnames for certificates.
+// Provision sets up the handler, registers its hostnames for certificates
+// and its TLS configuration for session ticket keys.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.logger = ctx.Logger()
@@ -232,7 +234,23 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionTLS(); err != nil {
 		return err
 	}
-	return registerHostnames(ctx, names)
+	if h.app, err = smtpApp(ctx); err != nil {
+		return err
+	}
+	if err := h.app.register(names); err != nil {
+		return err
+	}
+	h.app.tickets.register(h.tlsConfig)
+	return nil
+}
+
+// Cleanup stops the session ticket key updates of the handler's TLS
+// configuration.
+func (h *Handler) Cleanup() error {
+	if h.app != nil {
+		h.app.tickets.unregister(h.tlsConfig)
+	}
+	return nil
 }
 
 // setup checks the configuration and fills in the defaults. It returns the
@@ -373,5 +391,6 @@ func checkHostname(name string) error {
 // Interface guards
 var (
 	_ caddy.Provisioner  = (*Handler)(nil)
+	_ caddy.CleanerUpper = (*Handler)(nil)
 	_ layer4.NextHandler = (*Handler)(nil)
 )

@@ -60,7 +60,7 @@ func newTestHandler(t testing.TB, configure func(*Handler)) (*Handler, *observer
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.baseTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	h.setTLSConfig(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 	core, logs := observer.New(zap.DebugLevel)
 	h.logger = zap.New(core)
 	return h, logs

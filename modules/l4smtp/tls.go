@@ -1,6 +1,7 @@
 package l4smtp
 
 import (
+	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
@@ -14,7 +15,7 @@ import (
 )
 
 // provisionTLS fills in the defaults a mail port needs and builds the TLS
-// configuration once; each connection gets a clone of it.
+// configuration once, for all the handler's connections.
 func (h *Handler) provisionTLS() error {
 	if len(h.ConnectionPolicies) == 0 {
 		h.ConnectionPolicies = caddytls.ConnectionPolicies{new(caddytls.ConnectionPolicy)}
@@ -39,9 +40,33 @@ func (h *Handler) provisionTLS() error {
 	if err := h.ConnectionPolicies.Provision(h.ctx); err != nil {
 		return fmt.Errorf("smtp: setting up connection policies: %w", err)
 	}
-	h.baseTLS = h.ConnectionPolicies.TLSConfig(h.ctx)
+	h.setTLSConfig(h.ConnectionPolicies.TLSConfig(h.ctx))
 	return nil
 }
+
+// setTLSConfig makes cfg the TLS configuration of every connection of the
+// handler. One configuration, not a copy per connection: a copy would make
+// session ticket keys of its own, and no ticket would outlive its
+// connection (the keys themselves come from sessiontickets.go). What is
+// per connection, the ClientHello that later handlers and matchers may
+// read, is captured through the handshake's context.
+func (h *Handler) setTLSConfig(cfg *tls.Config) {
+	policyConfig := cfg.GetConfigForClient
+	cfg.GetConfigForClient = func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+		if hello, ok := chi.Context().Value(clientHelloKey{}).(*l4tls.ClientHelloInfo); ok {
+			hello.ClientHelloInfo = *chi
+		}
+		if policyConfig == nil {
+			return nil, nil
+		}
+		return policyConfig(chi)
+	}
+	h.tlsConfig = cfg
+}
+
+// clientHelloKey is the handshake context's key for the place where the
+// ClientHello of the handshake is captured.
+type clientHelloKey struct{}
 
 // startTLS performs the server handshake over conn (cx itself, or cx behind
 // the first byte of the ClientHello that the STARTTLS dialogue read), within the
@@ -50,15 +75,16 @@ func (h *Handler) provisionTLS() error {
 // nil when the handshake failed; the connection is then closed by the caller's
 // caller, and never used in plaintext.
 func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
-	cfg, hello := h.tlsConfig()
-	tlsConn := tls.Server(conn, cfg)
+	hello := new(l4tls.ClientHelloInfo)
+	ctx := context.WithValue(cx.Context, clientHelloKey{}, hello)
+	tlsConn := tls.Server(conn, h.tlsConfig)
 	_ = cx.SetDeadline(time.Now().Add(h.handshake))
 	// on a goroutine of its own: the handshake needs a deep stack, and a
 	// goroutine keeps its stack's largest size for long after, while the
 	// session's goroutine lives as long as the session (idle, mostly).
 	// This saves about 8 KiB per idle session (docs/benchmarks.md).
 	handshakeDone := make(chan error, 1)
-	go func() { handshakeDone <- tlsConn.Handshake() }()
+	go func() { handshakeDone <- tlsConn.HandshakeContext(ctx) }()
 	err := <-handshakeDone
 	_ = cx.SetDeadline(time.Time{})
 	if err != nil {
@@ -76,25 +102,10 @@ func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
 			zap.String("server_name", state.ServerName),
 			zap.String("tls_version", tls.VersionName(state.Version)),
 			zap.String("cipher_suite", tls.CipherSuiteName(state.CipherSuite)),
+			zap.Bool("resumed", state.DidResume),
 			zap.Bool("implicit_tls", h.ImplicitTLS))
 	}
 	return tlsConn
-}
-
-// tlsConfig returns the TLS configuration for one connection, and the place
-// where the ClientHello will be captured during the handshake.
-func (h *Handler) tlsConfig() (*tls.Config, *l4tls.ClientHelloInfo) {
-	hello := new(l4tls.ClientHelloInfo)
-	cfg := h.baseTLS.Clone()
-	getConfigForClient := h.baseTLS.GetConfigForClient
-	cfg.GetConfigForClient = func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
-		hello.ClientHelloInfo = *chi
-		if getConfigForClient == nil {
-			return nil, nil
-		}
-		return getConfigForClient(chi)
-	}
-	return cfg, hello
 }
 
 // recordTLS stores the handshake's ClientHello and connection state in the
