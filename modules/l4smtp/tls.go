@@ -96,6 +96,7 @@ func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
 	}
 	state := tlsConn.ConnectionState()
 	recordTLS(cx, hello, &state)
+	setTLSPlaceholders(cx.Replacer(), &state)
 	// checked first: naming the cipher suite allocates, on every handshake
 	if ce := h.logger.Check(zapcore.DebugLevel, "terminated TLS"); ce != nil {
 		ce.Write(zap.String("remote", cx.RemoteAddr().String()),
