@@ -116,9 +116,11 @@ type Handler struct {
 
 	// The TLS connection policies, as in caddy-l4's tls handler. Default: one
 	// policy with TLS 1.2 as the minimum, no ALPN (mail ports never offer
-	// h2 or http/1.1; an explicit alpn list is used as given), and default_sni
-	// set to the first hostname so clients that send no SNI still get its
-	// certificate.
+	// h2 or http/1.1; an explicit alpn list is used as given), and
+	// default_sni and fallback_sni set to the first hostname, so that clients
+	// that send no SNI, or a name with no certificate (an alias, an IP
+	// address), still get its certificate. A policy's own default_sni and
+	// fallback_sni win.
 	ConnectionPolicies caddytls.ConnectionPolicies `json:"connection_policies,omitempty"`
 
 	// How long to wait for each step. Every field has its default when unset.

@@ -36,6 +36,15 @@ func (h *Handler) provisionTLS() error {
 		if cp.DefaultSNI == "" {
 			cp.DefaultSNI = h.hostname
 		}
+		if cp.FallbackSNI == "" {
+			// a name with no certificate (an alias pointing at the
+			// edge, an IP address as the name) gets the first
+			// hostname's, as Postfix and nginx serve theirs whatever
+			// the SNI: a verifying client then reports a name
+			// mismatch, one that does not verify connects, and
+			// neither gets TLS alert 80 (internal error)
+			cp.FallbackSNI = h.hostname
+		}
 	}
 	if err := h.ConnectionPolicies.Provision(h.ctx); err != nil {
 		return fmt.Errorf("smtp: setting up connection policies: %w", err)
