@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"io"
+	"math"
 	"math/big"
 	"net"
 	"os"
@@ -177,12 +178,74 @@ func TestModes(t *testing.T) {
 
 func TestResume(t *testing.T) {
 	f := newFixture(t)
-	var r runResult
-	f.loadgen(t, &r, "run", modeImplicit, "-c", "1", "-d", "100ms", "-resume")
-	if r.Sessions < 2 || r.TLS == nil || !r.TLS.Resumed {
-		t.Errorf("with -resume: %d sessions, TLS %v; want the later ones resumed", r.Sessions, r.TLS)
+	for _, tlsMode := range []string{modeSTARTTLS, modeImplicit} {
+		var r runResult
+		f.loadgen(t, &r, "run", tlsMode, "-c", "1", "-d", "100ms", "-resume")
+		if r.Sessions < 2 || r.Errors != 0 || r.TLS == nil || !r.TLS.Resumed || !r.Resume {
+			t.Errorf("%s with -resume: %d sessions, TLS %v, resume %v; want the later ones resumed", tlsMode, r.Sessions, r.TLS, r.Resume)
+		}
+		// one worker: only the first session has no ticket to offer
+		if h := r.HandshakeCount; h == nil || h.Handshakes != r.Sessions || h.Resumed != r.Sessions-1 ||
+			!near(h.ResumedShare, float64(r.Sessions-1)/float64(r.Sessions)) {
+			t.Errorf("%s with -resume: %d sessions, handshakes %+v; want all but the first resumed", tlsMode, r.Sessions, h)
+		}
+
+		r = runResult{}
+		f.loadgen(t, &r, "run", tlsMode, "-c", "2", "-d", "100ms")
+		if h := r.HandshakeCount; r.Resume || h == nil || h.Handshakes != r.Sessions || h.Resumed != 0 || h.ResumedShare != 0 {
+			t.Errorf("%s without -resume: %d sessions, resume %v, handshakes %+v; want every one full", tlsMode, r.Sessions, r.Resume, h)
+		}
+	}
+
+	// no TLS: no handshake figures at all
+	var raw map[string]any
+	f.loadgen(t, &raw, "run", modePlain, "-c", "1", "-d", "50ms", "-resume")
+	for _, k := range []string{"handshakes", "resumed", "resumed_share"} {
+		if _, ok := raw[k]; ok {
+			t.Errorf("plain run reports %q: %v", k, raw)
+		}
 	}
 }
+
+// TestResumeRefused: a server that never resumes (each connection has ticket
+// keys of its own, as with caddy-l4's tls handler) shows 0 resumed under
+// -resume.
+func TestResumeRefused(t *testing.T) {
+	cert, ca := selfSigned(t, "mail.test")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln = freshTLSListener{ln, cert}
+	srv := smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) { return &sinkSession{&fixture{}}, nil }))
+	srv.Domain, srv.ErrorLog = "mail.test", quietLog{}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+
+	f := &fixture{ca: ca, addrs: map[string]string{modeImplicit: ln.Addr().String()}}
+	var r runResult
+	f.loadgen(t, &r, "run", modeImplicit, "-c", "2", "-d", "100ms", "-resume")
+	if h := r.HandshakeCount; r.Sessions < 2 || h == nil || h.Handshakes != r.Sessions || h.Resumed != 0 || h.ResumedShare != 0 {
+		t.Errorf("%d sessions, handshakes %+v; want none resumed", r.Sessions, h)
+	}
+}
+
+// freshTLSListener starts TLS on each connection with a configuration of its
+// own, so with ticket keys of its own.
+type freshTLSListener struct {
+	net.Listener
+	cert tls.Certificate
+}
+
+func (l freshTLSListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return tls.Server(c, &tls.Config{Certificates: []tls.Certificate{l.cert}}), nil
+}
+
+func near(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
 
 func TestHoldEndsOnSignal(t *testing.T) {
 	f := newFixture(t)

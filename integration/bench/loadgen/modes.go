@@ -96,16 +96,51 @@ type runResult struct {
 	Errors         int            `json:"errors"`
 	ErrorKinds     map[string]int `json:"error_kinds,omitempty"`
 	TLS            *tlsInfo       `json:"tls,omitempty"`
+	// Resume is -resume: the run offered the sessions it had to resume.
+	Resume bool `json:"resume,omitempty"`
+	// the TLS handshakes of the run, absent without TLS
+	*HandshakeCount
+}
+
+// HandshakeCount counts the TLS handshakes of a run and how many of them
+// resumed a session, so that a table can show which servers resumed. A
+// handshake counts when its session got as far as the EHLO after it,
+// whether the session then succeeded or not.
+type HandshakeCount struct {
+	Handshakes   int     `json:"handshakes"`
+	Resumed      int     `json:"resumed"`
+	ResumedShare float64 `json:"resumed_share"` // resumed ÷ handshakes, 0 when there were none
+}
+
+func (h *HandshakeCount) count(state *tls.ConnectionState) {
+	h.Handshakes++
+	if state.DidResume {
+		h.Resumed++
+	}
+}
+
+func (h *HandshakeCount) add(o HandshakeCount) {
+	h.Handshakes += o.Handshakes
+	h.Resumed += o.Resumed
+	if h.Handshakes > 0 {
+		h.ResumedShare = float64(h.Resumed) / float64(h.Handshakes)
+	}
 }
 
 func (r *runResult) String() string {
+	hs := ""
+	if r.HandshakeCount != nil {
+		hs = fmt.Sprintf("handshakes %8d  resumed %d (%.1f%%)\n", r.Handshakes, r.Resumed, 100*r.ResumedShare)
+	}
 	return fmt.Sprintf("%s %s, concurrency %d, %d-byte messages, %.1fs: TLS %v\n"+
 		"sessions   %8d  %10.1f/s   latency p50 %.2f ms, p99 %.2f ms\n"+
 		"messages   %8d  %10.1f/s\n"+
+		"%s"+
 		"errors     %8d%s\n",
 		r.TLSMode, r.Addr, r.Concurrency, r.BodyBytes, r.Seconds, r.TLS,
 		r.Sessions, r.SessionsPerSec, r.P50ms, r.P99ms,
 		r.Messages, r.MessagesPerSec,
+		hs,
 		r.Errors, formatKinds(r.ErrorKinds))
 }
 
@@ -117,6 +152,7 @@ func runLoad(t target, c int, d time.Duration, msgs int, body []byte, stderr io.
 		messages  int
 		errs      errorCounts
 		tls       *tls.ConnectionState
+		hs        HandshakeCount
 	}
 	workers := make([]worker, c)
 	start := time.Now()
@@ -131,6 +167,7 @@ func runLoad(t target, c int, d time.Duration, msgs int, body []byte, stderr io.
 				w.messages += sent
 				if state != nil {
 					w.tls = state
+					w.hs.count(state)
 				}
 				if err != nil {
 					w.errs.add(err)
@@ -144,13 +181,20 @@ func runLoad(t target, c int, d time.Duration, msgs int, body []byte, stderr io.
 	wg.Wait()
 	elapsed := time.Since(start).Seconds()
 
-	r := &runResult{Mode: "run", TLSMode: t.mode, Addr: t.addr, Concurrency: c, BodyBytes: len(body), Seconds: elapsed}
+	r := &runResult{Mode: "run", TLSMode: t.mode, Addr: t.addr, Concurrency: c, BodyBytes: len(body), Seconds: elapsed,
+		Resume: t.tls != nil && t.tls.ClientSessionCache != nil}
+	if t.mode != modePlain {
+		r.HandshakeCount = new(HandshakeCount)
+	}
 	var all []time.Duration
 	var errs errorCounts
 	for _, w := range workers {
 		all = append(all, w.latencies...)
 		r.Messages += w.messages
 		errs.merge(w.errs)
+		if r.HandshakeCount != nil {
+			r.HandshakeCount.add(w.hs)
+		}
 		if w.tls != nil {
 			r.TLS = describeTLS(w.tls)
 		}
