@@ -1,8 +1,11 @@
 // Command report turns the results compare.sh collects (one JSON record per
 // line: a case, a peer, a round and loadgen's JSON result) into one table:
 // the median over the rounds of each figure, each peer's ratio to the edge,
-// the CPU time each session cost (when the results have it), and the targets
-// of issue 5 checked against the figures.
+// the CPU time each session cost (when the results have it), the speed-up
+// of resumed TLS sessions over full handshakes and the share of handshakes
+// each peer let resume (when the results have the resumed cases), and the
+// targets checked against the figures. Older results, without the later
+// fields or cases, reprint as they did.
 //
 //	report results.jsonl
 package main
@@ -53,6 +56,12 @@ type record struct {
 		P99ms          float64        `json:"p99_ms"`
 		Errors         int            `json:"errors"`
 		ErrorKinds     map[string]int `json:"error_kinds"`
+		// run, with TLS: the handshakes and how many resumed (absent in
+		// results from before loadgen counted them); resume: the run
+		// offered to resume (loadgen -resume)
+		Resume     bool `json:"resume"`
+		Handshakes *int `json:"handshakes"`
+		Resumed    *int `json:"resumed"`
 		// hold
 		Held   int `json:"held"`
 		NoopOK int `json:"noop_ok"`
@@ -83,6 +92,9 @@ type record struct {
 	} `json:"cpu_ms_per_session"`
 	// a run that produced no result
 	Failed string `json:"failed"`
+	// compare.sh --pinned: the peer ran on one CPU, loadgen and the sink on
+	// the other
+	Pinned bool `json:"pinned"`
 }
 
 func read(r io.Reader) ([]record, error) {
@@ -123,6 +135,11 @@ type row struct {
 	held, noop int // hold
 	tls        string
 	cpu        *cpuRow // run, when the results have CPU times
+	// run: the handshakes of all rounds and how many resumed (handshakes
+	// 0: not counted); resume: some round offered to resume
+	handshakes, resumed int
+	resume              bool
+	pinned              bool
 }
 
 // cpuRow is the CPU time per completed session of one peer in one run case,
@@ -133,6 +150,9 @@ type cpuRow struct {
 	peerSink            float64 // the peer and the sink: the proxy's share
 	total               float64 // everything the session cost the machine
 	busy                float64 // CPUs kept busy: total × sessions/s
+	// pinned runs: the CPU of the peer (peer × sessions/s) and the one of
+	// loadgen and the sink ((loadgen + sink) × sessions/s) kept busy
+	busyPeer, busyLoad float64
 }
 
 type table struct {
@@ -145,7 +165,7 @@ type table struct {
 func summarize(recs []record) *table {
 	t := &table{title: map[string]string{}, kind: map[string]string{}, rows: map[string][]*row{}}
 	values := map[*row][][4]float64{} // value, p50, p99, msgs per round
-	cpus := map[*row][][6]float64{}   // the fields of cpuRow per round
+	cpus := map[*row][][8]float64{}   // the fields of cpuRow per round
 	for _, rec := range recs {
 		if _, ok := t.title[rec.Case]; !ok {
 			t.cases = append(t.cases, rec.Case)
@@ -158,6 +178,7 @@ func summarize(recs []record) *table {
 		}
 		r := t.rows[rec.Case][i]
 		r.rounds++
+		r.pinned = r.pinned || rec.Pinned
 		if rec.Failed != "" {
 			r.failed = append(r.failed, rec.Failed)
 			continue
@@ -177,10 +198,15 @@ func summarize(recs []record) *table {
 			for k, n := range res.ErrorKinds {
 				r.errorKinds[k] += n
 			}
+			if res.Handshakes != nil && res.Resumed != nil {
+				r.handshakes += *res.Handshakes
+				r.resumed += *res.Resumed
+			}
+			r.resume = r.resume || res.Resume
 			if c := rec.CPU; c != nil {
-				sink, sinkUsed := math.NaN(), 0.0
+				sink, sinkUsed, sinkRan := math.NaN(), 0.0, 0.0
 				if c.Sink != nil {
-					sink = *c.Sink
+					sink, sinkRan = *c.Sink, *c.Sink
 					// the ceiling has no backend: what the sink used
 					// beside it is its idle, not the session's cost
 					if !isCeiling(rec.Peer) {
@@ -188,8 +214,10 @@ func summarize(recs []record) *table {
 					}
 				}
 				total := c.Loadgen + c.Peer + sinkUsed
-				cpus[r] = append(cpus[r], [6]float64{c.Peer, sink, c.Loadgen,
-					c.Peer + sinkUsed, total, total * res.SessionsPerSec / 1000})
+				perSec := res.SessionsPerSec / 1000 // ms of CPU per session × sessions/s
+				cpus[r] = append(cpus[r], [8]float64{c.Peer, sink, c.Loadgen,
+					c.Peer + sinkUsed, total, total * perSec,
+					c.Peer * perSec, (c.Loadgen + sinkRan) * perSec})
 			}
 		case "hold":
 			perSession := math.NaN()
@@ -241,7 +269,8 @@ func summarize(recs []record) *table {
 			}
 			return median(c)
 		}
-		r.cpu = &cpuRow{peer: col(0), sink: col(1), loadgen: col(2), peerSink: col(3), total: col(4), busy: col(5)}
+		r.cpu = &cpuRow{peer: col(0), sink: col(1), loadgen: col(2), peerSink: col(3), total: col(4), busy: col(5),
+			busyPeer: col(6), busyLoad: col(7)}
 	}
 	return t
 }
@@ -305,6 +334,9 @@ func write(w io.Writer, t *table) {
 			if kind == "hold" {
 				notes = append(notes, fmt.Sprintf("held %d, %d answered NOOP", r.held, r.noop))
 			}
+			if kind == "run" && r.handshakes > 0 && (r.resume || r.resumed > 0) {
+				notes = append(notes, fmt.Sprintf("resumed %s of %d handshakes", fmtShare(r.resumed, r.handshakes), r.handshakes))
+			}
 			if kind == "rtt" && backend != nil && r != backend {
 				notes = append(notes, fmt.Sprintf("adds %+.1f µs p50 to the backend", r.value-backend.value))
 			}
@@ -328,6 +360,7 @@ func write(w io.Writer, t *table) {
 		}
 	}
 	writeCPU(w, t)
+	writeResumption(w, t)
 	writeTLS(w, t)
 	writeTargets(w, t)
 }
@@ -347,11 +380,22 @@ func writeCPU(w io.Writer, t *table) {
 	if len(cases) == 0 {
 		return
 	}
+	pinned := slices.ContainsFunc(cases, func(c string) bool {
+		return slices.ContainsFunc(t.rows[c], func(r *row) bool { return r.pinned })
+	})
 	fmt.Fprintln(w, "\nCPU time per completed session, ms (medians; user + system of all the processes of each):")
 	fmt.Fprintln(w, "  total = loadgen + peer + sink (the ceiling's without the sink, which it does not use);")
-	fmt.Fprintln(w, "  ÷ ceiling = total ÷ the ceiling's total; CPUs busy = total × sessions/s")
-	fmt.Fprintf(w, "%-20s %9s %9s %10s %9s %9s %10s %10s\n",
-		"", "peer", "sink", "peer+sink", "loadgen", "total", "÷ ceiling", "CPUs busy")
+	if pinned {
+		fmt.Fprintln(w, "  ÷ ceiling = total ÷ the ceiling's total; pinned: the peer on CPU 1, loadgen and the sink on CPU 0")
+		fmt.Fprintln(w, "  (the backend: the sink on CPU 1); CPU 1 busy = peer × sessions/s, CPU 0 busy = (loadgen + sink)")
+		fmt.Fprintln(w, "  × sessions/s: the CPU near 1.00 is the one that bounds sessions/s")
+		fmt.Fprintf(w, "%-20s %9s %9s %10s %9s %9s %10s %10s %10s\n",
+			"", "peer", "sink", "peer+sink", "loadgen", "total", "÷ ceiling", "CPU 1 busy", "CPU 0 busy")
+	} else {
+		fmt.Fprintln(w, "  ÷ ceiling = total ÷ the ceiling's total; CPUs busy = total × sessions/s")
+		fmt.Fprintf(w, "%-20s %9s %9s %10s %9s %9s %10s %10s\n",
+			"", "peer", "sink", "peer+sink", "loadgen", "total", "÷ ceiling", "CPUs busy")
+	}
 	for _, c := range cases {
 		fmt.Fprintf(w, "── %s\n", t.title[c])
 		var ceiling *row
@@ -367,11 +411,62 @@ func writeCPU(w io.Writer, t *table) {
 			if ceiling != nil {
 				ratio = r.cpu.total / ceiling.cpu.total
 			}
-			fmt.Fprintf(w, "  %-18s %9s %9s %10s %9s %9s %10s %10s\n", r.peer,
+			busy := fmt.Sprintf(" %10s", fmtF(r.cpu.busy))
+			if pinned {
+				busy = fmt.Sprintf(" %10s %10s", fmtF(r.cpu.busyPeer), fmtF(r.cpu.busyLoad))
+			}
+			fmt.Fprintf(w, "  %-18s %9s %9s %10s %9s %9s %10s%s\n", r.peer,
 				fmtMs(r.cpu.peer), fmtMs(r.cpu.sink), fmtMs(r.cpu.peerSink), fmtMs(r.cpu.loadgen),
-				fmtMs(r.cpu.total), fmtRatio(ratio), fmtF(r.cpu.busy))
+				fmtMs(r.cpu.total), fmtRatio(ratio), busy)
 		}
 	}
+}
+
+// resumedSuffix names a case of resumed sessions: the case of full
+// handshakes it is compared with, plus this.
+const resumedSuffix = "-resumed"
+
+// writeResumption compares each case of resumed sessions (name ending in
+// resumedSuffix) with its case of full handshakes: each peer's sessions/s
+// in both, the factor resumed ÷ full, and the share of the handshakes of the
+// resumed case that the peer let resume (a peer that resumes none is as
+// fast as with full handshakes, give or take the client's cache). Nothing
+// is written for results without such cases.
+func writeResumption(w io.Writer, t *table) {
+	header := false
+	for _, c := range t.cases {
+		full, ok := strings.CutSuffix(c, resumedSuffix)
+		if !ok || t.kind[c] != "run" {
+			continue
+		}
+		if !header {
+			fmt.Fprintln(w, "\nTLS resumption: sessions/s with resumed sessions (loadgen -resume, one client session")
+			fmt.Fprintln(w, "  cache) beside full handshakes (medians); resumed = the share of the resumed case's")
+			fmt.Fprintln(w, "  handshakes that the peer let resume, summed over the rounds")
+			fmt.Fprintf(w, "%-20s %10s %10s %16s %9s %9s\n", "", "full", "resumed", "resumed ÷ full", "resumed", "peer/edge")
+			header = true
+		}
+		fmt.Fprintf(w, "── %s\n", t.title[c])
+		for _, r := range t.rows[c] {
+			f := t.find(full, r.peer)
+			fv := math.NaN()
+			if f != nil {
+				fv = f.value
+			}
+			share := "-"
+			if r.handshakes > 0 {
+				share = fmtShare(r.resumed, r.handshakes)
+			}
+			fmt.Fprintf(w, "  %-18s %10s %10s %16s %9s %9s\n",
+				r.peer, fmtF(fv), fmtF(r.value), fmtRatio(r.value/fv), share, fmtRatio(t.ratio(c, r)))
+		}
+	}
+}
+
+// fmtShare formats n of total as a percentage; one decimal, so that a few
+// resumed handshakes out of thousands do not print as 0 %.
+func fmtShare(n, total int) string {
+	return fmt.Sprintf("%.1f%%", 100*float64(n)/float64(total))
 }
 
 // writeTLS says what TLS each peer negotiated with loadgen.
@@ -443,31 +538,51 @@ func fmtRatio(v float64) string {
 	return fmt.Sprintf("%.2f", v)
 }
 
-// writeTargets checks the targets of issue 5.
+// target is a figure of the table checked against a bound.
+type target struct {
+	what     string
+	c, a, b  string  // case; figure a over figure b (b empty: a alone)
+	min, max float64 // bounds (0: none)
+	added    bool    // rtt: a minus the backend, in µs
+}
+
+// The targets of issue 5, against full handshakes.
+var targets5 = []target{
+	{what: "STARTTLS c=256 sessions/s, edge ÷ nginx", c: "starttls-c256", a: "edge 587", b: "nginx 587", min: 1.2},
+	{what: "STARTTLS c=256 sessions/s, edge ÷ ceiling", c: "starttls-c256", a: "edge 587", b: "ceiling 587", min: 0.9},
+	{what: "STARTTLS c=8 sessions/s, edge ÷ nginx", c: "starttls-c8", a: "edge 587", b: "nginx 587", min: 5},
+	{what: "implicit c=256 sessions/s, edge ÷ HAProxy", c: "implicit-c256", a: "edge 465", b: "haproxy 465", min: 1.15},
+	{what: "implicit c=256 sessions/s, edge ÷ caddy-l4", c: "implicit-c256", a: "edge 465", b: "caddy-l4 465", min: 1.0},
+	{what: "implicit c=256 sessions/s, edge ÷ ceiling", c: "implicit-c256", a: "edge 465", b: "ceiling 465", min: 0.9},
+	{what: "memory per idle session after TLS, edge 587 (KiB)", c: "hold", a: "edge 587", max: 48},
+	{what: "memory per idle session after TLS, edge 465 (KiB)", c: "hold", a: "edge 465", max: 48},
+	{what: "25 MiB message MiB/s, edge 465 ÷ caddy-l4", c: "bulk", a: "edge 465", b: "caddy-l4 465", min: 0.9},
+	{what: "25 MiB message MiB/s, edge 587 ÷ caddy-l4", c: "bulk", a: "edge 587", b: "caddy-l4 465", min: 0.9},
+	{what: "p50 µs added per command vs the backend, edge 587", c: "rtt", a: "edge 587", added: true, max: 200},
+	{what: "p50 µs added per command vs the backend, edge 465", c: "rtt", a: "edge 465", added: true, max: 200},
+	{what: "the same, everything on one CPU, edge 587", c: "rtt-1cpu", a: "edge 587", added: true, max: 200},
+	{what: "the same, everything on one CPU, edge 465", c: "rtt-1cpu", a: "edge 465", added: true, max: 200},
+}
+
+// The targets with resumed TLS sessions, each peer with resumption as its
+// defaults give it.
+var targetsResumed = []target{
+	{what: "STARTTLS c=256 resumed sessions/s, edge ÷ nginx", c: "starttls-c256" + resumedSuffix, a: "edge 587", b: "nginx 587", min: 1.1},
+	{what: "STARTTLS c=8 resumed sessions/s, edge ÷ nginx", c: "starttls-c8" + resumedSuffix, a: "edge 587", b: "nginx 587", min: 1.1},
+	{what: "implicit c=256 resumed sessions/s, edge ÷ HAProxy", c: "implicit-c256" + resumedSuffix, a: "edge 465", b: "haproxy 465", min: 1.1},
+	{what: "implicit c=8 resumed sessions/s, edge ÷ HAProxy", c: "implicit-c8" + resumedSuffix, a: "edge 465", b: "haproxy 465", min: 1.1},
+}
+
 func writeTargets(w io.Writer, t *table) {
-	type target struct {
-		what     string
-		c, a, b  string  // case; figure a over figure b (b empty: a alone)
-		min, max float64 // bounds (0: none)
-		added    bool    // rtt: a minus the backend, in µs
-	}
-	targets := []target{
-		{what: "STARTTLS c=256 sessions/s, edge ÷ nginx", c: "starttls-c256", a: "edge 587", b: "nginx 587", min: 1.2},
-		{what: "STARTTLS c=256 sessions/s, edge ÷ ceiling", c: "starttls-c256", a: "edge 587", b: "ceiling 587", min: 0.9},
-		{what: "STARTTLS c=8 sessions/s, edge ÷ nginx", c: "starttls-c8", a: "edge 587", b: "nginx 587", min: 5},
-		{what: "implicit c=256 sessions/s, edge ÷ HAProxy", c: "implicit-c256", a: "edge 465", b: "haproxy 465", min: 1.15},
-		{what: "implicit c=256 sessions/s, edge ÷ caddy-l4", c: "implicit-c256", a: "edge 465", b: "caddy-l4 465", min: 1.0},
-		{what: "implicit c=256 sessions/s, edge ÷ ceiling", c: "implicit-c256", a: "edge 465", b: "ceiling 465", min: 0.9},
-		{what: "memory per idle session after TLS, edge 587 (KiB)", c: "hold", a: "edge 587", max: 48},
-		{what: "memory per idle session after TLS, edge 465 (KiB)", c: "hold", a: "edge 465", max: 48},
-		{what: "25 MiB message MiB/s, edge 465 ÷ caddy-l4", c: "bulk", a: "edge 465", b: "caddy-l4 465", min: 0.9},
-		{what: "25 MiB message MiB/s, edge 587 ÷ caddy-l4", c: "bulk", a: "edge 587", b: "caddy-l4 465", min: 0.9},
-		{what: "p50 µs added per command vs the backend, edge 587", c: "rtt", a: "edge 587", added: true, max: 200},
-		{what: "p50 µs added per command vs the backend, edge 465", c: "rtt", a: "edge 465", added: true, max: 200},
-		{what: "the same, everything on one CPU, edge 587", c: "rtt-1cpu", a: "edge 587", added: true, max: 200},
-		{what: "the same, everything on one CPU, edge 465", c: "rtt-1cpu", a: "edge 465", added: true, max: 200},
-	}
-	fmt.Fprintln(w, "\ntargets of issue 5 (medians of this run):")
+	checkTargets(w, t, "targets of issue 5 (medians of this run):", targets5)
+	checkTargets(w, t, "targets with TLS resumption (medians of this run):", targetsResumed)
+}
+
+// checkTargets writes the heading and a line for each target whose figures
+// the table has: the measured figure, the bound, met or NOT MET. Nothing
+// when the table has none of them.
+func checkTargets(w io.Writer, t *table, heading string, targets []target) {
+	header := false
 	for _, tg := range targets {
 		a := t.find(tg.c, tg.a)
 		if a == nil || math.IsNaN(a.value) {
@@ -498,6 +613,10 @@ func writeTargets(w io.Writer, t *table) {
 		verdict := "met"
 		if !ok {
 			verdict = "NOT MET"
+		}
+		if !header {
+			fmt.Fprintln(w, "\n"+heading)
+			header = true
 		}
 		fmt.Fprintf(w, "  %-52s %8s  (target %s)  %s\n", tg.what, fmtF(v), bound, verdict)
 	}

@@ -139,3 +139,84 @@ func TestReprint(t *testing.T) {
 		}
 	}
 }
+
+func TestReportResumption(t *testing.T) {
+	// full handshakes (counted, none resumed) and resumed sessions over two
+	// rounds; caddy-l4 resumes none; an old record without the counts
+	const input = `
+{"case":"implicit-c256","title":"implicit c=256","peer":"edge 465","base":"edge 465","round":1,"result":{"mode":"run","sessions_per_s":2000,"handshakes":20000,"resumed":0,"resumed_share":0}}
+{"case":"implicit-c256","title":"implicit c=256","peer":"haproxy 465","base":"edge 465","round":1,"result":{"mode":"run","sessions_per_s":1900}}
+{"case":"implicit-c256","title":"implicit c=256","peer":"caddy-l4 465","base":"edge 465","round":1,"result":{"mode":"run","sessions_per_s":2100,"handshakes":21000,"resumed":0,"resumed_share":0}}
+{"case":"implicit-c256-resumed","title":"implicit c=256 resumed","peer":"edge 465","base":"edge 465","round":1,"result":{"mode":"run","sessions_per_s":3000,"resume":true,"handshakes":30000,"resumed":29744,"resumed_share":0.99}}
+{"case":"implicit-c256-resumed","title":"implicit c=256 resumed","peer":"edge 465","base":"edge 465","round":2,"result":{"mode":"run","sessions_per_s":3200,"resume":true,"handshakes":10000,"resumed":9744,"resumed_share":0.97}}
+{"case":"implicit-c256-resumed","title":"implicit c=256 resumed","peer":"haproxy 465","base":"edge 465","round":1,"result":{"mode":"run","sessions_per_s":2800,"resume":true,"handshakes":28000,"resumed":27744,"resumed_share":0.99}}
+{"case":"implicit-c256-resumed","title":"implicit c=256 resumed","peer":"caddy-l4 465","base":"edge 465","round":1,"result":{"mode":"run","sessions_per_s":2050,"resume":true,"handshakes":20500,"resumed":0,"resumed_share":0}}
+{"case":"starttls-c256-resumed","title":"STARTTLS c=256 resumed","peer":"edge 587","base":"edge 587","round":1,"result":{"mode":"run","sessions_per_s":3000,"resume":true,"handshakes":30000,"resumed":29744}}
+{"case":"starttls-c256-resumed","title":"STARTTLS c=256 resumed","peer":"nginx 587","base":"edge 587","round":1,"failed":"tls: reset"}
+`
+	recs, err := read(strings.NewReader(input))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb := summarize(recs)
+	if r := tb.find("implicit-c256-resumed", "edge 465"); r.value != 3100 || r.handshakes != 40000 || r.resumed != 39488 || !r.resume {
+		t.Errorf("edge resumed: %+v, want the median 3100 and the handshakes of both rounds", r)
+	}
+	var b strings.Builder
+	write(&b, tb)
+	out := b.String()
+	for _, want := range []string{
+		// the main table: the share where the run offered to resume, none
+		// in the full-handshake case
+		"resumed 98.7% of 40000 handshakes",
+		"  caddy-l4 465             2050      0.00      0.00                0      0.66  resumed 0.0% of 20500 handshakes\n",
+		"  edge 465                 2000      0.00      0.00                0      1.00  \n",
+		// resumed ÷ full, the share, the ratio to the edge
+		"TLS resumption: sessions/s with resumed sessions",
+		"── implicit c=256 resumed\n",
+		"  edge 465                 2000       3100             1.55     98.7%      1.00\n",
+		"  haproxy 465              1900       2800             1.47     99.1%      0.90\n",
+		"  caddy-l4 465             2100       2050             0.98      0.0%      0.66\n",
+		"  edge 587                    -       3000                -     99.1%      1.00\n",
+		"  nginx 587                   -          -                -         -         -\n",
+		// the targets with resumption: the one with both figures
+		"targets with TLS resumption (medians of this run):\n" +
+			"  implicit c=256 resumed sessions/s, edge ÷ HAProxy        1.11  (target ≥ 1.1)  met\n",
+		"implicit c=256 sessions/s, edge ÷ HAProxy                1.05  (target ≥ 1.15)  NOT MET",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "STARTTLS c=256 resumed sessions/s, edge ÷ nginx") {
+		t.Errorf("a target without the peer's figure is checked:\n%s", out)
+	}
+}
+
+func TestReportPinned(t *testing.T) {
+	const input = `
+{"case":"implicit-c256","title":"implicit c=256","peer":"edge 465","base":"edge 465","round":1,"pinned":true,"result":{"mode":"run","sessions_per_s":2000,"sessions":20000},"cpu_ms_per_session":{"peer":0.4,"sink":0.1,"loadgen":0.4}}
+{"case":"implicit-c256","title":"implicit c=256","peer":"ceiling 465","base":"edge 465","round":1,"pinned":true,"result":{"mode":"run","sessions_per_s":2500,"sessions":25000},"cpu_ms_per_session":{"peer":0.3,"sink":0.004,"loadgen":0.38}}
+{"case":"implicit-c256","title":"implicit c=256","peer":"backend (plain)","base":"edge 465","round":1,"pinned":true,"result":{"mode":"run","sessions_per_s":8000,"sessions":80000},"cpu_ms_per_session":{"peer":0.08,"loadgen":0.1}}
+`
+	recs, err := read(strings.NewReader(input))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	write(&b, summarize(recs))
+	out := b.String()
+	for _, want := range []string{
+		"pinned: the peer on CPU 1, loadgen and the sink on CPU 0",
+		"CPU 1 busy CPU 0 busy\n",
+		//  peer      sink  peer+sink  loadgen    total  ÷ ceiling  CPU 1  CPU 0
+		"  edge 465               0.400     0.100      0.500     0.400     0.900       1.32       0.80       1.00\n",
+		// the ceiling's sink idles, on CPU 0 all the same
+		"  ceiling 465            0.300     0.004      0.300     0.380     0.680       1.00       0.75       0.96\n",
+		"  backend (plain)        0.080         -      0.080     0.100     0.180       0.26       0.64       0.80\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+}
