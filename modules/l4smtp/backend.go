@@ -17,9 +17,10 @@ import (
 // The backend: with the backend option the handler dials the mail server
 // itself once TLS is up and relays the session with its own copy loop
 // (pump.go), instead of handing it to the next handler. Compared with
-// caddy-l4's proxy it bounds the dial by the backend timeout, tries the
-// addresses in turn (proxy dials all the addresses of an upstream at once),
-// and holds no copy buffers while the session is idle.
+// caddy-l4's proxy it bounds the dial by the backend timeout (proxy dials
+// with no timeout), tries the addresses in turn (proxy dials every address
+// of an upstream for each session and relays to all of them), and holds no
+// copy buffers while the session is idle.
 
 // backendAddr is one address of the backend option, parsed.
 type backendAddr struct {
