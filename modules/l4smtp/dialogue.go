@@ -66,17 +66,19 @@ var (
 )
 
 // plaintextDialogue speaks SMTP with the client until it asks for STARTTLS.
-// It returns the connection to run the TLS handshake on, or nil when the
-// session is over (QUIT, timeout, too many errors, an injection attempt, or
-// the client went away).
-func (h *Handler) plaintextDialogue(cx *layer4.Connection, sess *session) net.Conn {
+// first is what the client sent before the greeting, read while telling
+// its mode (see tlsmode.go). It returns the connection to run the TLS
+// handshake on, or nil when the session is over (QUIT, timeout, too many
+// errors, an injection attempt, or the client went away).
+func (h *Handler) plaintextDialogue(cx *layer4.Connection, sess *session, first []byte) net.Conn {
 	s := &dialogue{h: h, cx: cx, sess: sess, in: newLineReader(cx)}
+	s.in.w = copy(s.in.buf, first)
 	defer sess.enter(nil)
 	if sess.enter(s) {
 		s.shutDown()
 		return nil
 	}
-	return s.run()
+	return s.run(len(first) > 0)
 }
 
 type dialogue struct {
@@ -87,12 +89,14 @@ type dialogue struct {
 	errors int
 }
 
-func (s *dialogue) run() net.Conn {
+// run greets and answers commands; talked says the client sent bytes
+// before it was greeted.
+func (s *dialogue) run(talked bool) net.Conn {
 	h := s.h
-	if !s.greet() {
+	if !s.greet(talked) {
 		return nil
 	}
-	for {
+	for lines := 0; ; lines++ {
 		_ = s.cx.SetDeadline(time.Now().Add(h.command))
 		// after the deadline is set: drain's wake-up cannot be undone
 		if s.sess.isDraining() {
@@ -106,6 +110,14 @@ func (s *dialogue) run() net.Conn {
 				return nil
 			}
 			s.readFailed(err)
+			return nil
+		}
+		if lines == 0 && len(line) > 0 && line[0] == tlsHandshakeRecord {
+			// a TLS client on a listener that does not detect one:
+			// it has taken the greeting for a broken TLS record
+			// already, and a plaintext reply would only add to that
+			h.logger.Debug("TLS handshake instead of SMTP on a STARTTLS listener (detect_tls serves such clients); closing",
+				zap.String("remote", s.cx.RemoteAddr().String()))
 			return nil
 		}
 		verb, args := splitCommand(line)
@@ -163,30 +175,48 @@ func (s *dialogue) run() net.Conn {
 }
 
 // greet sends the greeting. With early_talker reject, it sends the first
-// line of a multi-line greeting, listens for the pregreet timeout, and ends
-// the session of a client that talks before the final line (Postfix
-// postscreen's pregreet test); real clients wait for the whole greeting.
-func (s *dialogue) greet() bool {
-	if s.h.pregreet == 0 {
-		return s.reply(s.h.greeting)
+// line of a multi-line greeting, listens until the pregreet timeout is over
+// (counted from the connection's start: detect_tls listened before the
+// first line), and ends the session of a client that talks before the final
+// line (Postfix postscreen's pregreet test); real clients wait for the
+// whole greeting. talked says the client sent bytes before the first line.
+func (s *dialogue) greet(talked bool) bool {
+	h := s.h
+	if h.pregreet == 0 {
+		return s.reply(h.greeting)
 	}
-	first := append([]byte("220-"), s.h.greeting[4:]...)
+	first := append([]byte("220-"), h.greeting[4:]...)
 	if !s.reply(first) {
 		return false
 	}
-	_ = s.cx.SetReadDeadline(time.Now().Add(s.h.pregreet))
+	if talked {
+		return s.earlyTalker()
+	}
+	_ = s.cx.SetReadDeadline(time.Now().Add(h.pregreet - h.detectTLS))
 	var b [1]byte
 	n, err := s.cx.Read(b[:])
 	switch {
-	case n > 0:
-		s.h.logger.Warn("client talked before the greeting; closing",
+	case n > 0 && b[0] == tlsHandshakeRecord:
+		// a TLS client that started after the first greeting line:
+		// it has that line in its stream, and no reply can help it
+		h.logger.Debug("TLS handshake after the first greeting line; closing",
 			zap.String("remote", s.cx.RemoteAddr().String()))
-		s.finalReply(replyEarlyTalker)
 		return false
+	case n > 0:
+		return s.earlyTalker()
 	case !errors.Is(err, os.ErrDeadlineExceeded):
 		return false // the client went away
 	}
-	return s.reply(s.h.greeting)
+	return s.reply(h.greeting)
+}
+
+// earlyTalker ends the session of a client that talked before the greeting
+// was complete.
+func (s *dialogue) earlyTalker() bool {
+	s.h.logger.Warn("client talked before the greeting; closing",
+		zap.String("remote", s.cx.RemoteAddr().String()))
+	s.finalReply(replyEarlyTalker)
+	return false
 }
 
 // startTLS answers a valid STARTTLS command. Whatever the client sent after

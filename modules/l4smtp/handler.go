@@ -145,12 +145,33 @@ type Handler struct {
 	// What to do with a client that sends before the greeting is complete,
 	// as spam bots do and real clients never do (Postfix postscreen's
 	// pregreet test): "reject" sends the first line of a multi-line
-	// greeting, listens for the pregreet timeout, and disconnects a client
-	// that talks with "521 5.5.1 Protocol error"; "off" greets at once. It
-	// applies to the STARTTLS dialogue only (with implicit TLS the client
-	// speaks first). Default: "off", because the wait delays every session
-	// by the pregreet timeout.
+	// greeting, listens until the pregreet timeout is over, and disconnects
+	// a client that talks with "521 5.5.1 Protocol error"; "off" greets at
+	// once. It applies to the STARTTLS dialogue only (with implicit TLS the
+	// client speaks first). A client whose first bytes are a TLS
+	// ClientHello gets implicit TLS instead, when it sends them within
+	// detect_tls, which with reject is the start of the pregreet wait.
+	// Default: "off", because the wait delays every session by the
+	// pregreet timeout.
 	EarlyTalker string `json:"early_talker,omitempty"`
+
+	// Serve both kinds of client on this listener, whatever its mode: the
+	// edge waits this long for the client's first bytes. A client that
+	// starts with a TLS ClientHello (configured for implicit TLS) gets
+	// implicit TLS; a client that stays silent (it waits for a greeting:
+	// configured for STARTTLS, or for no TLS) gets the plaintext greeting
+	// and the STARTTLS dialogue, with all its rules. Other first bytes are
+	// treated as the listener's mode treats them. No client ever gets a
+	// plaintext reply to TLS bytes, or TLS to plaintext. A negative value
+	// (off in the Caddyfile) turns detection off. Default: 1s with
+	// implicit_tls, where TLS clients pay nothing (their ClientHello ends
+	// the wait) and a client that waits for a greeting gets it after the
+	// wait; off without implicit_tls, because the wait would delay every
+	// greeting (200ms is enough for TLS clients on most networks), except
+	// with early_talker reject, which waits anyway: there the first 200ms
+	// of the pregreet wait (at most half of it), before the first greeting
+	// line.
+	DetectTLS caddy.Duration `json:"detect_tls,omitempty"`
 
 	hostname  string // the first of Hostnames, after placeholders
 	greeting  []byte
@@ -162,6 +183,7 @@ type Handler struct {
 	shutdown  time.Duration
 	maxErrors int
 	pregreet  time.Duration // zero unless early_talker is reject
+	detectTLS time.Duration // zero: detect_tls is off
 	limits    *connLimits
 	tlsConfig *tls.Config // shared by all connections: see setTLSConfig
 
@@ -320,6 +342,23 @@ func (h *Handler) setup() ([]string, error) {
 	}
 
 	switch {
+	case h.DetectTLS < 0:
+		h.detectTLS = 0
+	case h.DetectTLS > 0:
+		h.detectTLS = time.Duration(h.DetectTLS)
+	case h.ImplicitTLS:
+		h.detectTLS = defaultDetectImplicit
+	case h.pregreet > 0:
+		h.detectTLS = min(defaultDetectEarlyTalker, h.pregreet/2)
+	default:
+		h.detectTLS = 0
+	}
+	if h.pregreet > 0 && h.detectTLS >= h.pregreet {
+		return nil, fmt.Errorf("smtp: detect_tls (%s) must be shorter than timeouts pregreet (%s): with early_talker reject it is the start of the pregreet wait",
+			h.detectTLS, h.pregreet)
+	}
+
+	switch {
 	case h.MaxErrors < 0:
 		return nil, fmt.Errorf("smtp: max_errors must not be negative, got %d", h.MaxErrors)
 	case h.MaxErrors == 0:
@@ -345,19 +384,23 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	}
 	defer h.limits.release(cx.RemoteAddr())
 
-	if h.ImplicitTLS {
-		tlsConn := h.startTLS(cx, cx)
+	implicit, first, alive := h.openingMode(cx)
+	if !alive {
+		return nil
+	}
+	if implicit {
+		tlsConn := h.startTLS(cx, withPrefix(cx, first), true)
 		if tlsConn == nil {
 			return nil
 		}
 		return h.relay(cx, sess, tlsConn, next, false)
 	}
 
-	handshakeConn := h.plaintextDialogue(cx, sess)
+	handshakeConn := h.plaintextDialogue(cx, sess, first)
 	if handshakeConn == nil {
 		return nil
 	}
-	tlsConn := h.startTLS(cx, handshakeConn)
+	tlsConn := h.startTLS(cx, handshakeConn, false)
 	if tlsConn == nil {
 		return nil
 	}

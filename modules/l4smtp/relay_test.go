@@ -118,7 +118,7 @@ func serveRelayIn(t testing.TB, h *Handler, via relayVia, sess *session, greeted
 		close(scriptDone)
 	}
 	raw, relayDone := serveOne(t, func(cx *layer4.Connection) error {
-		tlsConn := h.startTLS(cx, cx)
+		tlsConn := h.startTLS(cx, cx, true)
 		if tlsConn == nil {
 			return errors.New("handshake failed")
 		}

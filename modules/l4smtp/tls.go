@@ -77,13 +77,14 @@ func (h *Handler) setTLSConfig(cfg *tls.Config) {
 // ClientHello of the handshake is captured.
 type clientHelloKey struct{}
 
-// startTLS performs the server handshake over conn (cx itself, or cx behind
-// the first byte of the ClientHello that the STARTTLS dialogue read), within the
-// handshake timeout. It records the negotiated state the way caddy-l4's tls
+// startTLS performs the server handshake over conn (cx behind the first
+// byte of the ClientHello, which the STARTTLS dialogue or the detection of
+// the client's mode read), within the handshake timeout; implicit says
+// which mode the client is in, for the log. It records the negotiated state the way caddy-l4's tls
 // handler does, so that later handlers and matchers can read it. It returns
 // nil when the handshake failed; the connection is then closed by the caller's
 // caller, and never used in plaintext.
-func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
+func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn, implicit bool) *tls.Conn {
 	hello := new(l4tls.ClientHelloInfo)
 	ctx := context.WithValue(cx.Context, clientHelloKey{}, hello)
 	tlsConn := tls.Server(conn, h.tlsConfig)
@@ -99,7 +100,7 @@ func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
 	if err != nil {
 		h.logger.Debug("TLS handshake failed",
 			zap.String("remote", cx.RemoteAddr().String()),
-			zap.Bool("implicit_tls", h.ImplicitTLS),
+			zap.Bool("implicit_tls", implicit),
 			zap.Error(err))
 		return nil
 	}
@@ -113,7 +114,7 @@ func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn) *tls.Conn {
 			zap.String("tls_version", tls.VersionName(state.Version)),
 			zap.String("cipher_suite", tls.CipherSuiteName(state.CipherSuite)),
 			zap.Bool("resumed", state.DidResume),
-			zap.Bool("implicit_tls", h.ImplicitTLS))
+			zap.Bool("implicit_tls", implicit))
 	}
 	return tlsConn
 }
@@ -138,10 +139,19 @@ func recordTLS(cx *layer4.Connection, hello *l4tls.ClientHelloInfo, state *tls.C
 
 // prefixedConn replays bytes already read from the connection before reading
 // on from it: the first byte of the ClientHello, which the STARTTLS dialogue
-// reads to tell a handshake from injected plaintext.
+// reads to tell a handshake from injected plaintext, and the detection of the
+// client's mode to tell TLS from a client that waits.
 type prefixedConn struct {
 	net.Conn
 	prefix []byte
+}
+
+// withPrefix is conn with prefix replayed first, or conn itself for none.
+func withPrefix(conn net.Conn, prefix []byte) net.Conn {
+	if len(prefix) == 0 {
+		return conn
+	}
+	return &prefixedConn{Conn: conn, prefix: prefix}
 }
 
 func (c *prefixedConn) Read(p []byte) (int, error) {
