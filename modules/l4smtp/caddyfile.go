@@ -1,10 +1,12 @@
 package l4smtp
 
 import (
+	"strconv"
+	"time"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
-	"strconv"
 )
 
 // UnmarshalCaddyfile sets up the Handler from Caddyfile tokens. Syntax:
@@ -29,6 +31,7 @@ import (
 //		max_connections <n>
 //		max_connections_per_ip <n>
 //		early_talker reject|off
+//		detect_tls <duration>|off
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the directive name
@@ -127,6 +130,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 
+		case "detect_tls":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			if d.Val() == "off" {
+				h.DetectTLS = -1
+			} else {
+				dur, err := caddy.ParseDuration(d.Val())
+				if err != nil || dur <= 0 {
+					return d.Errf("smtp option 'detect_tls' takes a positive duration or off, got '%s'", d.Val())
+				}
+				h.DetectTLS = caddy.Duration(dur)
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+
 		default:
 			return d.Errf("unknown smtp option '%s'", option)
 		}
@@ -137,6 +157,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	if h.ProxyProtocol != "" && len(h.Backends) == 0 {
 		return d.Err("smtp option 'proxy_protocol' goes with 'backend'; with a proxy handler after smtp, set proxy_protocol in the proxy")
+	}
+	if h.EarlyTalker == "reject" && h.DetectTLS > 0 {
+		if err := detectWithinPregreet(time.Duration(h.DetectTLS), durationOr(h.Timeouts.Pregreet, defaultPregreet)); err != nil {
+			return d.Errf("smtp option %v", err)
+		}
 	}
 	return nil
 }

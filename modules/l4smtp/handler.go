@@ -353,9 +353,10 @@ func (h *Handler) setup() ([]string, error) {
 	default:
 		h.detectTLS = 0
 	}
-	if h.pregreet > 0 && h.detectTLS >= h.pregreet {
-		return nil, fmt.Errorf("smtp: detect_tls (%s) must be shorter than timeouts pregreet (%s): with early_talker reject it is the start of the pregreet wait",
-			h.detectTLS, h.pregreet)
+	if h.pregreet > 0 {
+		if err := detectWithinPregreet(h.detectTLS, h.pregreet); err != nil {
+			return nil, fmt.Errorf("smtp: %w", err)
+		}
 	}
 
 	switch {

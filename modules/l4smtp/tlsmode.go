@@ -2,6 +2,7 @@ package l4smtp
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"time"
 
@@ -32,6 +33,16 @@ const (
 	// pregreet wait, before the first greeting line (at most half of it).
 	defaultDetectEarlyTalker = 200 * time.Millisecond
 )
+
+// detectWithinPregreet checks that, with early_talker reject, the detection
+// leaves part of the pregreet wait for after the first greeting line.
+func detectWithinPregreet(detect, pregreet time.Duration) error {
+	if detect >= pregreet {
+		return fmt.Errorf("detect_tls (%s) must be shorter than timeouts pregreet (%s): with early_talker reject it is the start of the pregreet wait",
+			detect, pregreet)
+	}
+	return nil
+}
 
 // openingMode waits, with detect_tls, for the client's first byte: a TLS
 // handshake record starts implicit TLS, silence gets the plaintext greeting,
