@@ -112,23 +112,20 @@ func TestTLSPolicyTestssl(t *testing.T) {
 			t.Logf("testssl.sh summary for %s (%s):\n%s", l.name, l.mode, testsslSummary(findings))
 		})
 		// testssl.sh does not test ALPN over STARTTLS; offer HTTP ALPN
-		// with openssl on both kinds of listener
+		// with openssl on both kinds of listener, and read the protocol
+		// selected from the session openssl writes
 		t.Run("openssl-ALPN/"+l.name, func(t *testing.T) {
 			t.Parallel()
-			args := []string{"s_client", "-connect", l.addr, "-servername", firstHost,
-				"-CAfile", proc.rootPath(), "-verify_hostname", firstHost, "-verify_return_error",
-				"-alpn", "h2,http/1.1", "-crlf"}
-			if l.mode == startTLS {
-				args = append(args, "-starttls", "smtp")
-			}
-			out, err := runTool(t, []byte("QUIT\n"), openssl, args...)
+			sessPath := filepath.Join(t.TempDir(), "session.pem")
+			out, err := tpOpenSSL(t, openssl, proc, l, "-alpn", "h2,http/1.1", "-sess_out", sessPath)
 			if err != nil {
-				t.Fatalf("openssl s_client failed: %v", err)
+				t.Fatalf("openssl s_client -verify_return_error failed: %v", err)
 			}
-			for _, want := range []string{"Verify return code: 0 (ok)", "No ALPN negotiated"} {
-				if !strings.Contains(out, want) {
-					t.Errorf("openssl output lacks %q", want)
-				}
+			if !tpSessionThrough(out) {
+				t.Errorf("no 221 from the backend: the session did not get through")
+			}
+			if sess := readOpenSSLSession(t, sessPath); sess.alpn != "" {
+				t.Errorf("the server selected ALPN protocol %q (%s), want none on a mail port", sess.alpn, tls.VersionName(sess.version))
 			}
 		})
 	}
@@ -437,6 +434,9 @@ func TestTestsslJudge(t *testing.T) {
 // tpOpenSSL runs openssl s_client against l (STARTTLS dialogue first on a
 // STARTTLS listener), verifying the edge's certificate, with extra
 // arguments; it sends QUIT and waits for the server to close (-ign_eof).
+// With -verify_return_error a certificate that does not verify for
+// mail.localhost against Caddy's local CA fails the handshake, and openssl
+// exits non-zero: the exit status says the server was verified.
 func tpOpenSSL(t *testing.T, openssl string, p *caddyProc, l listener, extra ...string) (string, error) {
 	t.Helper()
 	args := []string{"s_client", "-connect", l.addr, "-servername", firstHost,
@@ -449,7 +449,8 @@ func tpOpenSSL(t *testing.T, openssl string, p *caddyProc, l listener, extra ...
 }
 
 // tpSessionThrough reports whether openssl's output shows an SMTP session
-// after TLS: the backend's 221 to QUIT.
+// after TLS: the backend's 221 to QUIT (an SMTP reply, which s_client
+// passes through as it came).
 func tpSessionThrough(out string) bool {
 	return strings.Contains(out, "\n221 ")
 }
@@ -485,28 +486,28 @@ func TestTLSPolicyTLS13Only(t *testing.T) {
 		t.Run("openssl-TLS1.2-refused/"+l.name, func(t *testing.T) {
 			t.Parallel()
 			openssl := requireTool(t, "openssl", "openssl")
-			out, err := tpOpenSSL(t, openssl, proc, l, "-tls1_2")
+			// through a tap: the client offered TLS 1.2 at most, and
+			// the server answered with a protocol_version alert
+			tap := startTap(t, l.addr)
+			tapped := l
+			tapped.addr = tap.addr
+			out, err := tpOpenSSL(t, openssl, proc, tapped, "-tls1_2")
 			if err == nil {
 				t.Errorf("openssl s_client -tls1_2 succeeded")
 			}
-			if !strings.Contains(out, "alert protocol version") {
-				t.Errorf("openssl output lacks the server's protocol version alert")
-			}
-			if strings.Contains(out, "BEGIN CERTIFICATE") || tpSessionThrough(out) {
+			checkVersionRefused(t, tap, tls.VersionTLS12)
+			if strings.Contains(out, "-----BEGIN CERTIFICATE-----") || tpSessionThrough(out) {
 				t.Errorf("a TLS 1.2 client got a certificate or a session")
 			}
 		})
 		t.Run("openssl-TLS1.3/"+l.name, func(t *testing.T) {
 			t.Parallel()
 			openssl := requireTool(t, "openssl", "openssl")
+			// -tls1_3 offers TLS 1.3 alone, so a handshake that
+			// succeeds (verified: -verify_return_error) is TLS 1.3
 			out, err := tpOpenSSL(t, openssl, proc, l, "-tls1_3")
 			if err != nil {
-				t.Fatalf("openssl s_client -tls1_3 failed: %v", err)
-			}
-			for _, want := range []string{"Verify return code: 0 (ok)", "New, TLSv1.3, Cipher is "} {
-				if !strings.Contains(out, want) {
-					t.Errorf("openssl output lacks %q", want)
-				}
+				t.Fatalf("openssl s_client -tls1_3 -verify_return_error failed: %v", err)
 			}
 			if !tpSessionThrough(out) {
 				t.Errorf("no 221 from the backend after TLS 1.3")
@@ -680,12 +681,13 @@ func TestTLSPolicyClientAuth(t *testing.T) {
 		t.Run("openssl-no-certificate-refused/"+l.name, func(t *testing.T) {
 			t.Parallel()
 			openssl := requireTool(t, "openssl", "openssl")
+			// the same command as openssl-certificate below but for
+			// -cert and -key: a failure here and a session there is the
+			// server refusing for the certificate (which alert it sends
+			// is checked with Go below: in TLS 1.3 it is encrypted)
 			out, err := tpOpenSSL(t, openssl, proc, l)
 			if err == nil {
 				t.Errorf("openssl s_client without a client certificate exited 0")
-			}
-			if !strings.Contains(out, "alert certificate required") && !strings.Contains(out, "alert handshake failure") {
-				t.Errorf("openssl output lacks the server's certificate-required alert")
 			}
 			if tpSessionThrough(out) {
 				t.Errorf("a client without a certificate got an SMTP session after TLS")
@@ -698,9 +700,6 @@ func TestTLSPolicyClientAuth(t *testing.T) {
 			if err == nil {
 				t.Errorf("openssl s_client with another CA's certificate exited 0")
 			}
-			if !strings.Contains(out, "alert unknown ca") && !strings.Contains(out, "alert bad certificate") {
-				t.Errorf("openssl output lacks the server's unknown-CA alert")
-			}
 			if tpSessionThrough(out) {
 				t.Errorf("a client with another CA's certificate got an SMTP session after TLS")
 			}
@@ -710,10 +709,7 @@ func TestTLSPolicyClientAuth(t *testing.T) {
 			openssl := requireTool(t, "openssl", "openssl")
 			out, err := tpOpenSSL(t, openssl, proc, l, "-cert", pki.certPath, "-key", pki.keyPath)
 			if err != nil {
-				t.Fatalf("openssl s_client with the client certificate failed: %v", err)
-			}
-			if !strings.Contains(out, "Verify return code: 0 (ok)") {
-				t.Errorf("openssl did not verify the server")
+				t.Fatalf("openssl s_client -verify_return_error with the client certificate failed: %v", err)
 			}
 			if !tpSessionThrough(out) {
 				t.Errorf("no 221 from the backend: the session did not get through")
