@@ -217,8 +217,19 @@ func TestAttacks(t *testing.T) {
 		t.Run("stalled implicit TLS handshake", func(t *testing.T) {
 			t.Parallel()
 			conn := dialRaw(t, env.implicit.addr)
+			conn.Write([]byte{0x16, 0x03}) // the start of a ClientHello, then nothing
 			if rest := readUntilClosed(t, conn); rest != "" {
 				t.Errorf("got %q before the close", rest)
+			}
+		})
+		t.Run("silent client on the implicit TLS port", func(t *testing.T) {
+			t.Parallel()
+			// taken for a STARTTLS client (detect_tls): greeted in
+			// plaintext after the wait, then held to the command timeout
+			conn := dialRaw(t, env.implicit.addr)
+			rest := readUntilClosed(t, conn)
+			if !strings.HasPrefix(rest, "220 ") || !strings.Contains(rest, "\n421 4.4.2 ") {
+				t.Errorf("got %q, want the greeting and a 421 4.4.2 timeout", rest)
 			}
 		})
 		t.Run("silent session after TLS", func(t *testing.T) {
