@@ -18,10 +18,13 @@
 #
 # and runs the same loads against each (integration/bench/loadgen), rotating
 # the order of the peers in every case and repeating the cases in rounds, so
-# that a noisy machine affects all of them alike. Prints one table (report):
-# the median over the rounds, each peer's ratio to the edge (587 for STARTTLS,
-# 465 for implicit TLS), the CPU time each session of the load runs cost the
-# peer, the sink and loadgen, and the targets of issue 5.
+# that a noisy machine affects all of them alike. The load cases run with a
+# full handshake for every session, and again with resumed sessions (loadgen
+# -resume; each peer resumes as its defaults let it, and the table says what
+# share of the handshakes it resumed). Prints one table (report): the median
+# over the rounds, each peer's ratio to the edge (587 for STARTTLS, 465 for
+# implicit TLS), the CPU time each session of the load runs cost the peer,
+# the sink and loadgen, resumed ÷ full per peer, and the targets.
 #
 # Usage (as root, from anywhere; installs the peers from Debian if missing):
 #
@@ -40,7 +43,7 @@
 #
 # Env BENCH_IP (default 127.0.0.2; must be a 127.0.0.x address) and
 # BENCH_PORT_BASE (default 24000) choose where the peers listen: 14 ports from
-# the base. A full run (3 rounds of 10 s) takes about 20 minutes.
+# the base. A full run (3 rounds of 10 s) takes about 30 minutes.
 set -euo pipefail
 
 duration=${BENCH_DURATION:-10s}
@@ -328,6 +331,9 @@ peer "caddy-l4 465" implicit "$p_l4"
 peer "ceiling 465" implicit "$p_ceiling465"
 starttls_peers=("edge 587" "nginx 587" "stunnel 587" "ceiling 587" "backend (plain)")
 implicit_peers=("edge 465" "haproxy 465" "caddy-l4 465" "stunnel 465" "ceiling 465" "backend (plain)")
+# the resumed cases: the TLS peers (the backend has no TLS to resume)
+starttls_tls_peers=("${starttls_peers[@]:0:4}")
+implicit_tls_peers=("${implicit_peers[@]:0:5}")
 all_peers=("edge 587" "edge 465" "nginx 587" "haproxy 465" "caddy-l4 465" "stunnel 587" "stunnel 465"
 	"ceiling 587" "ceiling 465" "backend (plain)")
 
@@ -483,10 +489,12 @@ cpu_fields() {
 	}'
 }
 
-load_case() { # <case> <title> <base> <round> <concurrency> <peers...>
+load_case() { # <case> <title> <base> <round> <concurrency> <loadgen flags> <peers...>
 	local c=$1 title=$2 base=$3 round=$4 conc=$5 label out ok
 	local peer_pids sink_pids p0 p1 s0 s1 l0 l1 cpu
-	shift 5
+	local -a flags
+	read -r -a flags <<<"$6"
+	shift 6
 	while read -r label; do
 		settle
 		local prof_pid=
@@ -510,7 +518,7 @@ load_case() { # <case> <title> <base> <round> <concurrency> <peers...>
 		cpu_ticks "${sink_pids[@]}"; s0=$ticks
 		shell_child_ticks; l0=$ticks
 		ok=1
-		out=$(lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c "$conc" -d "$duration" -size 4k) || ok=
+		out=$(lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c "$conc" -d "$duration" -size 4k "${flags[@]}") || ok=
 		shell_child_ticks; l1=$ticks
 		cpu_ticks "${peer_pids[@]}"; p1=$ticks
 		cpu_ticks "${sink_pids[@]}"; s1=$ticks
@@ -555,10 +563,18 @@ rtt_case() { # <case> <title> <round> <cpu to pin to, or empty>
 
 for round in $(seq "$rounds"); do
 	log "round $round of $rounds ($duration per load)"
-	load_case starttls-c8 "STARTTLS (587), 4 KiB message, concurrency 8" "edge 587" "$round" 8 "${starttls_peers[@]}"
-	load_case starttls-c256 "STARTTLS (587), 4 KiB message, concurrency 256" "edge 587" "$round" 256 "${starttls_peers[@]}"
-	load_case implicit-c8 "implicit TLS (465), 4 KiB message, concurrency 8" "edge 465" "$round" 8 "${implicit_peers[@]}"
-	load_case implicit-c256 "implicit TLS (465), 4 KiB message, concurrency 256" "edge 465" "$round" 256 "${implicit_peers[@]}"
+	# each case of full handshakes, then the same with resumed sessions
+	# (the name with -resumed, which the report pairs with the first)
+	for conc in 8 256; do
+		load_case "starttls-c$conc" "STARTTLS (587), 4 KiB message, concurrency $conc" "edge 587" "$round" "$conc" "" "${starttls_peers[@]}"
+		load_case "starttls-c$conc-resumed" "STARTTLS (587), 4 KiB message, concurrency $conc, TLS sessions resumed" \
+			"edge 587" "$round" "$conc" -resume "${starttls_tls_peers[@]}"
+	done
+	for conc in 8 256; do
+		load_case "implicit-c$conc" "implicit TLS (465), 4 KiB message, concurrency $conc" "edge 465" "$round" "$conc" "" "${implicit_peers[@]}"
+		load_case "implicit-c$conc-resumed" "implicit TLS (465), 4 KiB message, concurrency $conc, TLS sessions resumed" \
+			"edge 465" "$round" "$conc" -resume "${implicit_tls_peers[@]}"
+	done
 	title="one 25 MiB message, DATA to the 250 after the dot (median of 3 in one session)"
 	while read -r label; do
 		settle
@@ -579,7 +595,8 @@ done
 	lscpu | grep -E '^(CPU\(s\)|Model name|Thread\(s\) per core|Core\(s\) per socket|Hypervisor vendor|L2 cache|L3 cache):' | sed 's/^/  lscpu: /'
 	echo "peers (Debian packages): $(dpkg-query -W -f '${Package} ${Version}, ' nginx libnginx-mod-mail haproxy stunnel4 postfix)$(go version | cut -d' ' -f3)"
 	echo "runs: $duration per load, $rounds round(s), the order of the peers rotated each round; hold $hold_n sessions;"
-	echo "      loadgen shares the CPUs with the peers; no TLS resumption; curves X25519,P256 offered"
+	echo "      loadgen shares the CPUs with the peers; full handshakes, and resumed sessions in the cases that say so"
+	echo "      (loadgen -resume); curves X25519,P256 offered"
 	echo
 	"$bin/report" "$results"
 } | if [ -n "$out_file" ]; then tee "$out_file"; else cat; fi
