@@ -29,12 +29,22 @@
 # Usage (as root, from anywhere; installs the peers from Debian if missing):
 #
 #   integration/bench/compare.sh [--quick] [--duration 10s] [--rounds 3]
-#                                [--hold 5000] [--out FILE] [--keep] [--profile]
+#                                [--hold 5000] [--pinned] [--commit REV]
+#                                [--out FILE] [--keep] [--profile]
 #
 #   --quick     a smoke run of a few minutes: 3 s per load, one round, 1,000 held sessions
 #   --duration  time per load run (env BENCH_DURATION, default 10s)
 #   --rounds    rounds of the load cases (env BENCH_ROUNDS, default 3)
 #   --hold      sessions to hold open for the memory case (env BENCH_HOLD, default 5000)
+#   --pinned    the peer under test on CPU 1 (all its processes and threads), loadgen
+#               and the sink on CPU 0, in every case; the peers start on CPU 1 alone, so
+#               that what each sizes by the CPUs it has (GOMAXPROCS, HAProxy's nbthread)
+#               is sized for one, and nginx runs one worker (worker_processes 1, what
+#               auto gives on a one-CPU machine; nginx 1.22 counts the online CPUs, not
+#               its affinity). Without it (the default) the scheduler places everything
+#               on all CPUs.
+#   --commit    build caddy, loadgen, ceiling and report from this commit (git archive)
+#               instead of the working tree, so that edits under way are not measured
 #   --out       also write the table (and the machine) to FILE, and the raw results
 #               beside it (FILE with .jsonl for .txt), so that report can reprint it
 #   --keep      keep the work directory (configs, logs, raw results) and say where
@@ -51,13 +61,15 @@ rounds=${BENCH_ROUNDS:-3}
 hold_n=${BENCH_HOLD:-5000}
 ip=${BENCH_IP:-127.0.0.2}
 base=${BENCH_PORT_BASE:-24000}
-out_file= keep= profile=
+out_file= keep= profile= pinned= commit=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--quick) duration=3s rounds=1 hold_n=1000 ;;
 	--duration) duration=$2; shift ;;
 	--rounds) rounds=$2; shift ;;
 	--hold) hold_n=$2; shift ;;
+	--pinned) pinned=1 ;;
+	--commit) commit=$2; shift ;;
 	--out) out_file=$(realpath -m "$2"); shift ;;
 	--keep) keep=1 ;;
 	--profile) profile=1 keep=1 ;;
@@ -68,6 +80,12 @@ while [ $# -gt 0 ]; do
 done
 case $ip in 127.0.0.[0-9]*) ;; *) echo "compare.sh: BENCH_IP must be a 127.0.0.x address" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || { echo "compare.sh: run as root (it installs packages and raises limits)" >&2; exit 2; }
+# the CPUs of the machine (nproc would count only those this shell may use,
+# one once --pinned has pinned it)
+ncpu=$(nproc)
+if [ -n "$pinned" ] && [ "$ncpu" -lt 2 ]; then echo "compare.sh: --pinned needs two CPUs" >&2; exit 2; fi
+# --pinned: the CPU of the peer under test, and the one of loadgen and the sink
+cpu_peer=1 cpu_load=0
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 work=$(mktemp -d /tmp/smtp-bench.XXXXXX)
@@ -113,9 +131,33 @@ ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" -ge 20000 ] || log "warning: only $(ulimit -n) file descriptors; the hold case may fail"
 
 # ---------------------------------------------------------------- build
-log "building caddy (./cmd/caddy), loadgen, ceiling and report"
-(cd "$repo" && go build -o "$bin/caddy" ./cmd/caddy &&
+# What is measured: a commit exported whole (--commit), or the working tree,
+# with the files that differ from its commit named in the table's header.
+src=$repo
+if [ -n "$commit" ]; then
+	commit=$(git -C "$repo" rev-parse --verify "$commit^{commit}")
+	src=$work/src
+	mkdir -p "$src"
+	git -C "$repo" archive "$commit" | tar -x -C "$src"
+	built="commit $(git -C "$repo" log -1 --format='%h %s' "$commit" | cut -c1-100) (built from git archive)"
+else
+	dirty=$(git -C "$repo" status --porcelain --untracked-files=all -- cmd modules integration/bench go.mod go.sum 2>/dev/null |
+		awk '{print $2}' | paste -sd' ' -)
+	built="commit $(git -C "$repo" log -1 --format='%h %s' 2>/dev/null | cut -c1-100 || echo '?') (working tree${dirty:+, changed: $dirty})"
+fi
+log "building caddy (./cmd/caddy), loadgen, ceiling and report: $built"
+(cd "$src" && go build -o "$bin/caddy" ./cmd/caddy &&
 	go build -o "$bin/" ./integration/bench/loadgen ./integration/bench/ceiling ./integration/bench/report)
+
+# --pinned: this shell, and so loadgen and the sink, which it starts, on
+# cpu_load; the peers start on cpu_peer (on_peer_cpu), so that GOMAXPROCS and
+# HAProxy's nbthread are 1. pin_for below moves the sink to cpu_peer when it
+# is the peer under test, and asserts the layout before every measurement.
+on_peer_cpu=()
+if [ -n "$pinned" ]; then
+	taskset -p -c "$cpu_load" $$ >/dev/null
+	on_peer_cpu=(taskset -c "$cpu_peer")
+fi
 
 # ---------------------------------------------------------------- certificate
 # One ECDSA P-256 certificate for mail.test, signed by its own CA; every peer
@@ -201,17 +243,19 @@ cat >"$work/l4.json" <<EOF
 EOF
 
 # nginx mail. worker_processes auto = one worker per core, as Go uses every
-# core and HAProxy one thread per core. Connection limits raised for the hold
+# core and HAProxy one thread per core (--pinned: 1, see above). Connection limits raised for the hold
 # case. smtp_auth none: nginx answers the dialogue itself until RCPT, asks
 # auth_http (its own http block here) for the backend, then connects and
 # replays HELO/MAIL/RCPT: that is nginx's design, measured as it is.
 # xclient off (the edge sends nothing either); proxy_protocol to the backend
 # is off by default. Everything else is nginx's default (ssl_session_tickets on,
 # ssl_session_cache none, tcp_nodelay as nginx mail does it).
+nginx_workers=auto
+[ -z "$pinned" ] || nginx_workers=1
 mkdir -p "$work/nginx"
 cat >"$work/nginx/nginx.conf" <<EOF
 load_module /usr/lib/nginx/modules/ngx_mail_module.so;
-worker_processes auto;
+worker_processes $nginx_workers;
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log warn;
 events { worker_connections 9000; }
@@ -305,18 +349,18 @@ declare -A PID MODE ADDR
 # smtp-sink: -m raises its concurrency limit (default 256) above the held
 # sessions, -t its idle timeout above the hold; 4096 is the listen backlog.
 start "backend (plain)" "$work/sink.log" smtp-sink -u nobody -m 9000 -t 900 "$sink" 4096
-start "edge 465" "$work/edge465.log" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
+start "edge 465" "$work/edge465.log" "${on_peer_cpu[@]}" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
 	"$bin/caddy" run --config "$work/edge465.json"
-start "edge 587" "$work/edge587.log" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
+start "edge 587" "$work/edge587.log" "${on_peer_cpu[@]}" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
 	"$bin/caddy" run --config "$work/edge587.json"
-start "caddy-l4 465" "$work/l4.log" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
+start "caddy-l4 465" "$work/l4.log" "${on_peer_cpu[@]}" env HOME="$work" XDG_DATA_HOME="$work" XDG_CONFIG_HOME="$work" \
 	"$bin/caddy" run --config "$work/l4.json"
-start "nginx 587" "$work/nginx.log" nginx -p "$work/nginx" -e "$work/nginx/error.log" -c "$work/nginx/nginx.conf" -g 'daemon off;'
-start "haproxy 465" "$work/haproxy.log" haproxy -db -f "$work/haproxy.cfg"
-start "stunnel 465" "$work/stunnel465.log" stunnel4 "$work/stunnel465.conf"
-start "stunnel 587" "$work/stunnel587.log" stunnel4 "$work/stunnel587.conf"
-start "ceiling 465" "$work/ceiling465.log" "$bin/ceiling" -cert "$work/cert.pem" -key "$work/key.pem" -implicit "$ip:$p_ceiling465"
-start "ceiling 587" "$work/ceiling587.log" "$bin/ceiling" -cert "$work/cert.pem" -key "$work/key.pem" -starttls "$ip:$p_ceiling587"
+start "nginx 587" "$work/nginx.log" "${on_peer_cpu[@]}" nginx -p "$work/nginx" -e "$work/nginx/error.log" -c "$work/nginx/nginx.conf" -g 'daemon off;'
+start "haproxy 465" "$work/haproxy.log" "${on_peer_cpu[@]}" haproxy -db -f "$work/haproxy.cfg"
+start "stunnel 465" "$work/stunnel465.log" "${on_peer_cpu[@]}" stunnel4 "$work/stunnel465.conf"
+start "stunnel 587" "$work/stunnel587.log" "${on_peer_cpu[@]}" stunnel4 "$work/stunnel587.conf"
+start "ceiling 465" "$work/ceiling465.log" "${on_peer_cpu[@]}" "$bin/ceiling" -cert "$work/cert.pem" -key "$work/key.pem" -implicit "$ip:$p_ceiling465"
+start "ceiling 587" "$work/ceiling587.log" "${on_peer_cpu[@]}" "$bin/ceiling" -cert "$work/cert.pem" -key "$work/key.pem" -starttls "$ip:$p_ceiling587"
 
 peer() { MODE[$1]=$2 ADDR[$1]=$ip:$3; }
 peer "backend (plain)" plain "$p_sink"
@@ -378,7 +422,8 @@ descendants() {
 base_of() { case $1 in *465) echo "edge 465" ;; *) echo "edge 587" ;; esac; }
 
 record() { # <case> <title> <peer> <base> <round> <json fields>
-	printf '{"case":"%s","title":"%s","peer":"%s","base":"%s","round":%d,%s}\n' "$1" "$2" "$3" "$4" "$5" "$6" >>"$results"
+	printf '{"case":"%s","title":"%s","peer":"%s","base":"%s","round":%d,%s%s}\n' "$1" "$2" "$3" "$4" "$5" \
+		"${pinned:+\"pinned\":true,}" "$6" >>"$results"
 }
 failed() { printf '"failed":"%s"' "$(tail -1 "$work/loadgen.log" | tr -d '"\\' | cut -c1-160)"; }
 
@@ -393,12 +438,35 @@ rotate() {
 
 settle() { sleep 1; }
 
+# pin <cpus> <pids...>: every thread of the processes and their descendants
+all_cpus=0-$((ncpu - 1))
+pin() {
+	local cpus=$1 p q
+	shift
+	for p in "$@"; do
+		for q in $(descendants "$p"); do taskset -a -p -c "$cpus" "$q" >/dev/null 2>&1 || true; done
+	done
+}
+# pin_for <peer>: before each measurement of the peer, with --pinned, the
+# peer on cpu_peer and the sink on cpu_load (the backend's own cases: the
+# sink on cpu_peer, as the peer under test); loadgen runs on cpu_load, where
+# this shell is. Without --pinned, nothing: everything may run on every CPU.
+pin_for() {
+	local sink_cpu
+	[ -n "$pinned" ] || return 0
+	sink_cpu=$cpu_load
+	[ "$1" != "backend (plain)" ] || sink_cpu=$cpu_peer
+	pin "$cpu_peer" "${PID[$1]}"
+	pin "$sink_cpu" "${PID[backend (plain)]}"
+}
+
 # ---- hold: fresh processes (only the check sessions above have run), one
 # peer at a time, N sessions open after TLS; RSS of the peer at N minus
 # before, divided by N.
 log "hold: $hold_n idle sessions after TLS against each peer"
 for label in "${all_peers[@]}"; do
 	pid=${PID[$label]}
+	pin_for "$label"
 	ready=$work/hold.ready
 	rm -f "$ready"
 	before=$(rss "$pid")
@@ -432,6 +500,7 @@ done
 # ---- warm-up: one short run against every peer, not recorded
 log "warm-up"
 for label in "${all_peers[@]}"; do
+	pin_for "$label"
 	lg run -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -c 8 -d 1s >/dev/null || true
 done
 
@@ -496,6 +565,7 @@ load_case() { # <case> <title> <base> <round> <concurrency> <loadgen flags> <pee
 	read -r -a flags <<<"$6"
 	shift 6
 	while read -r label; do
+		pin_for "$label"
 		settle
 		local prof_pid=
 		if [ -n "$profile" ] && [ "$round" = 1 ] && [ "$conc" = 256 ] && [ "$label" = "$base" ]; then
@@ -535,20 +605,14 @@ load_case() { # <case> <title> <base> <round> <concurrency> <loadgen flags> <pee
 # rtt: one session per peer, 2,000 timed NOOPs. On this VM a round trip
 # between two processes costs ~10 µs when they share a CPU and ~65 µs when
 # the wake-up crosses CPUs, and where the scheduler puts them is chance; so
-# the case runs twice, as the processes fall, and with loadgen, the peer's
-# processes (all threads) and the sink pinned to one CPU, where the figure is
-# the CPU work each hop adds.
-all_cpus=0-$(($(nproc) - 1))
-pin() { # <cpus> <pids...>
-	local cpus=$1 p
-	shift
-	for p in "$@"; do
-		for q in $(descendants "$p"); do taskset -a -p -c "$cpus" "$q" >/dev/null 2>&1 || true; done
-	done
-}
+# the case runs twice, as the processes fall (--pinned: the peer on its CPU,
+# loadgen and the sink on theirs), and with loadgen, the peer's processes
+# (all threads) and the sink pinned to one CPU, where the figure is the CPU
+# work each hop adds.
 rtt_case() { # <case> <title> <round> <cpu to pin to, or empty>
 	local c=$1 title=$2 round=$3 cpu=$4 label out
 	while read -r label; do
+		pin_for "$label"
 		settle
 		if [ -n "$cpu" ]; then pin "$cpu" "${PID[$label]}" "${PID[backend (plain)]}"; fi
 		if out=$(${cpu:+taskset -c "$cpu"} "$bin/loadgen" rtt -json -ca "$work/ca.pem" -servername mail.test \
@@ -557,9 +621,39 @@ rtt_case() { # <case> <title> <round> <cpu to pin to, or empty>
 		else
 			record "$c" "$title" "$label" "$(base_of "$label")" "$round" "$(failed)"
 		fi
-		if [ -n "$cpu" ]; then pin "$all_cpus" "${PID[$label]}" "${PID[backend (plain)]}"; fi
+		if [ -n "$cpu" ]; then
+			pin "$all_cpus" "${PID[$label]}" "${PID[backend (plain)]}"
+			pin_for "$label"
+		fi
 	done < <(rotate "$round" "${all_peers[@]}")
 }
+
+# machine_ticks: sets ticks to the CPU time the whole machine has used (all
+# CPUs: user, nice, system, irq, softirq) and steal to the time the
+# hypervisor took, from /proc/stat
+machine_ticks() {
+	local f
+	read -r -a f </proc/stat
+	ticks=$((f[1] + f[2] + f[3] + f[6] + f[7])) steal=${f[8]:-0}
+}
+# ours_ticks: sets ticks to the CPU time of every process of the run: the
+# peers, the sink, and this shell's children (loadgen, curl, the commands of
+# the script)
+ours_ticks() {
+	local p all=0 line f
+	for p in "${PID[@]}"; do
+		cpu_ticks $(descendants "$p")
+		all=$((all + ticks))
+	done
+	read -r line <"/proc/$$/stat"
+	read -r -a f <<<"${line##*) }"
+	ticks=$((all + f[11] + f[12] + f[13] + f[14]))
+}
+# so that the header can say how much CPU other processes took during the
+# rounds: the machine's CPU time less ours
+machine_ticks; m0=$ticks st0=$steal
+ours_ticks; o0=$ticks
+t0=$(date +%s)
 
 for round in $(seq "$rounds"); do
 	log "round $round of $rounds ($duration per load)"
@@ -577,6 +671,7 @@ for round in $(seq "$rounds"); do
 	done
 	title="one 25 MiB message, DATA to the 250 after the dot (median of 3 in one session)"
 	while read -r label; do
+		pin_for "$label"
 		settle
 		if out=$(lg bulk -addr "${ADDR[$label]}" -tls "${MODE[$label]}" -size 25m -n 3 -timeout 120s); then
 			record bulk "$title" "$label" "$(base_of "$label")" "$round" "\"result\":$out"
@@ -588,15 +683,48 @@ for round in $(seq "$rounds"); do
 	rtt_case rtt-1cpu "the same with loadgen, peer and sink all pinned to CPU 0" "$round" 0
 done
 
+machine_ticks; m1=$ticks st1=$steal
+ours_ticks; o1=$ticks
+t1=$(date +%s)
+others=$(awk -v m=$((m1 - m0)) -v o=$((o1 - o0)) -v st=$((st1 - st0)) -v hz="$clk_tck" -v s=$((t1 - t0)) -v n="$ncpu" 'BEGIN {
+	printf "%.0f s of CPU by other processes (%.1f%% of the %d CPUs), %.0f s stolen by the hypervisor, in %d s",
+		(m - o) / hz, 100 * (m - o) / hz / (s * n), n, st / hz, s }')
+
+# layout: how each peer ran: its processes, their threads, and the CPUs
+# they may run on (each thread's affinity, all of them)
+layout() {
+	local label p t n threads cpus
+	for label in "${all_peers[@]}"; do
+		n=0 threads=0 cpus=()
+		for p in $(descendants "${PID[$label]}"); do
+			n=$((n + 1))
+			for t in /proc/"$p"/task/*; do
+				threads=$((threads + 1))
+				cpus+=("$(awk '/^Cpus_allowed_list:/ {print $2}' "$t/status" 2>/dev/null)")
+			done
+		done
+		printf '  %-16s %d process(es), %d threads, CPUs %s\n' "$label:" "$n" "$threads" \
+			"$(printf '%s\n' "${cpus[@]}" | sort -u | paste -sd' ' -)"
+	done
+}
+
 # ---------------------------------------------------------------- report
 {
-	echo "SMTP edge benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')"
-	echo "machine: nproc $(nproc), $(lscpu | sed -n 's/^Model name: *//p'), $(uname -sr), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
+	echo "SMTP edge benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $built"
+	echo "machine: nproc $ncpu, $(lscpu | sed -n 's/^Model name: *//p'), $(uname -sr), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
 	lscpu | grep -E '^(CPU\(s\)|Model name|Thread\(s\) per core|Core\(s\) per socket|Hypervisor vendor|L2 cache|L3 cache):' | sed 's/^/  lscpu: /'
 	echo "peers (Debian packages): $(dpkg-query -W -f '${Package} ${Version}, ' nginx libnginx-mod-mail haproxy stunnel4 postfix)$(go version | cut -d' ' -f3)"
 	echo "runs: $duration per load, $rounds round(s), the order of the peers rotated each round; hold $hold_n sessions;"
-	echo "      loadgen shares the CPUs with the peers; full handshakes, and resumed sessions in the cases that say so"
-	echo "      (loadgen -resume); curves X25519,P256 offered"
+	echo "      full handshakes, and resumed sessions in the cases that say so (loadgen -resume); curves X25519,P256 offered;"
+	if [ -n "$pinned" ]; then
+		echo "      pinned (--pinned): the peer under test on CPU $cpu_peer, loadgen and smtp-sink on CPU $cpu_load (for the"
+		echo "      backend's own cases the sink on CPU $cpu_peer); the peers started on CPU $cpu_peer alone, nginx with 1 worker"
+	else
+		echo "      not pinned: loadgen, the sink and the peers share all $ncpu CPUs as the scheduler places them"
+	fi
+	echo "      during the rounds: $others"
+	echo "how the peers ran (at the end of the run: processes, threads, the CPUs their threads may use):"
+	layout
 	echo
 	"$bin/report" "$results"
 } | if [ -n "$out_file" ]; then tee "$out_file"; else cat; fi
