@@ -57,8 +57,16 @@ func requireExim(t *testing.T) string {
 	if err != nil {
 		skipOrFail(t, fmt.Sprintf("%s -bV: %v (integration/install-exim.sh creates the %s user it needs)\n%s", path, err, eximUser, out))
 	}
-	if !regexp.MustCompile(`(?m)^Support for:.* PROXY\b`).MatchString(out) {
-		skipOrFail(t, fmt.Sprintf("%s is built without PROXY support (Debian: exim4-daemon-light; use -heavy):\n%s", path, out))
+	// PROXY support, by the exit status of a configuration check: Exim
+	// knows the option hosts_proxy only when built with it (SUPPORT_PROXY),
+	// and refuses a configuration with an unknown option
+	probe := filepath.Join(t.TempDir(), "proxy-probe.conf")
+	if err := os.WriteFile(probe, []byte("keep_environment =\nhosts_proxy = 127.0.0.1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runBounded(mtaStartTimeout, eximEnviron, path, "-C", probe, "-bV"); err != nil {
+		skipOrFail(t, fmt.Sprintf("%s refuses hosts_proxy (%v): it is built without PROXY support "+
+			"(Debian: exim4-daemon-light; use -heavy)\n%s", path, err, out))
 	}
 	return path
 }
@@ -269,12 +277,16 @@ func TestEximBehindEdge(t *testing.T) {
 	})
 }
 
+// eximQueued finds the message ID in Exim's reply to the final dot, "250
+// OK id=<message id>": the ID by which Exim's log and Received: lines name
+// the message, which clients and log tools correlate by.
 var eximQueued = regexp.MustCompile(`\bid=([0-9A-Za-z-]+)`)
 
 // eximReceivedWith is the protocol in Exim's Received: line for a client
 // that authenticated without TLS (net/smtp asks for SMTPUTF8 when offered):
 // the edge terminated TLS, so for Exim there was none (that would be
-// esmtpsa).
+// esmtpsa). The names are the registered "with" protocol types (RFC 3848,
+// RFC 6531), which Exim writes in lower case.
 var eximReceivedWith = regexp.MustCompile(` with (esmtpa|utf8esmtpa) `)
 
 // testEximDelivery: a client from 127.0.0.7 authenticates with mech through
@@ -313,7 +325,9 @@ func testEximDelivery(t *testing.T, env *eximEnv, l postfixListener, mech string
 
 	// the arrival: client address, protocol (AUTH without TLS: Exim never
 	// saw the edge's TLS; utf8 when the client asked for SMTPUTF8),
-	// authenticator, and the edge as the proxy
+	// authenticator, and the edge as the proxy. The fields of Exim's "<="
+	// line (H=, P=, A=, PRX=) are documented in the Exim specification's
+	// chapter on log files, and read by eximstats and log parsers.
 	line := env.exim.log.wait(t, regexp.MustCompile(regexp.QuoteMeta(id)+` <= .*`))[0]
 	want := regexp.MustCompile(`<= ` + postfixUser + `@example\.com H=\(client\.localhost\) \[` + regexp.QuoteMeta(clientIP) +
 		`\] P=(esmtpa|utf8esmtpa) A=` + strings.ToLower(mech) + `_server:` + postfixUser + ` PRX=127\.0\.0\.1 `)
@@ -340,11 +354,14 @@ func testEximDelivery(t *testing.T, env *eximEnv, l postfixListener, mech string
 func testEximWrongPassword(t *testing.T, env *eximEnv, l postfixListener, ip, mech string) {
 	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), ip)
 	code, msg := authSteps(t, c.Text, wrongPasswordSteps(mech))
-	if code != 535 || !strings.Contains(msg, "Incorrect authentication data") {
-		t.Fatalf("AUTH %s with a wrong password: %d %s, want Exim's 535 Incorrect authentication data", mech, code, msg)
+	if code != 535 {
+		t.Fatalf("AUTH %s with a wrong password: %d %s, want Exim's 535", mech, code, msg)
 	}
+	// Exim's "authenticator failed for" line, with the authenticator, the
+	// client's address, the reply code and set_id: the line fail2ban's exim
+	// filter reads (the reply's text after the code is left out)
 	env.exim.log.wait(t, regexp.MustCompile(strings.ToLower(mech)+`_server authenticator failed for \(client\.localhost\) \[`+
-		regexp.QuoteMeta(ip)+`\]: 535 Incorrect authentication data \(set_id=`+postfixUser+`\)`))
+		regexp.QuoteMeta(ip)+`\]: 535 .*\(set_id=`+postfixUser+`\)`))
 	if err := c.Noop(); err != nil {
 		t.Fatalf("NOOP after the failed login: %v", err)
 	}
@@ -363,6 +380,8 @@ func testEximNoRelayWithoutAuth(t *testing.T, env *eximEnv, l postfixListener, s
 		t.Fatalf("MAIL: %v", err)
 	}
 	err := c.Rcpt("rcpt@example.net")
+	// "Authentication required" is the message of the example's own ACL
+	// (examples/exim/exim.conf), not Exim's wording
 	if code := replyCode(err); code != 550 || !strings.Contains(err.Error(), "Authentication required") {
 		t.Fatalf("RCPT without AUTH: %v, want the example's 550 Authentication required", err)
 	}
@@ -371,15 +390,16 @@ func testEximNoRelayWithoutAuth(t *testing.T, env *eximEnv, l postfixListener, s
 
 // testEximProxyRequired: a connection from the edge's address to the edge's
 // listener without a PROXY header (what the edge would send with its
-// proxy_protocol switched off) gets 503 to every command, after Exim's
-// proxy_protocol_timeout (3s): nothing is ever accepted in the edge's name.
+// proxy_protocol switched off) gets 503 to every command, EHLO included,
+// after Exim's proxy_protocol_timeout (3s): nothing is ever accepted in the
+// edge's name. (testEximLocalListener shows that the same EHLO from the same
+// address gets 250 on the listener without hosts_proxy.)
 func testEximProxyRequired(t *testing.T, env *eximEnv) {
 	tp, conn := eximDirect(t, env.backend)
 	defer conn.Close()
 	for _, cmd := range []string{"EHLO client.localhost", "MAIL FROM:<anyone@example.com>"} {
-		code, msg := eximCommand(t, tp, cmd)
-		if code != 503 || !strings.Contains(msg, "Proxy negotiation failed") {
-			t.Errorf("%s without a PROXY header: %d %s, want 503 ... required Proxy negotiation failed", cmd, code, msg)
+		if code, msg := eximCommand(t, tp, cmd); code != 503 {
+			t.Errorf("%s without a PROXY header: %d %s, want Exim's 503 (Proxy negotiation failed)", cmd, code, msg)
 		}
 	}
 }
