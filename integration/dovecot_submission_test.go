@@ -75,8 +75,11 @@ func testDovecotSubmission(t *testing.T, dovecot *dovecotAuth, sink *mtaSink, cf
 				if err := c.Auth(auth); err != nil {
 					t.Fatalf("AUTH %s: %v", mech, err)
 				}
-				// one more such line for this session
-				dovecot.log.waitCount(t, regexp.MustCompile(`submission-login: Info: Login: user=<`+postfixUser+`>, method=`+mech+`, rip=`+regexp.QuoteMeta(clientIP)+`,`), logins[mech])
+				// one more such line for this session: the login
+				// process's "Login:" line, whose fields are Dovecot's
+				// login_log_format_elements (user=<%u> method=%m rip=%r
+				// ...), documented and read by fail2ban and log tools
+				dovecot.log.waitCount(t, regexp.MustCompile(`submission-login: .*\bLogin: user=<`+postfixUser+`>, method=`+mech+`, rip=`+regexp.QuoteMeta(clientIP)+`,`), logins[mech])
 				token := uniqueToken(t)
 				if err := deliver(c, postfixUser+"@example.com", []string{"rcpt@example.com"}, testMessage(token, "through Dovecot")); err != nil {
 					t.Fatalf("sending a message: %v", err)
@@ -98,7 +101,7 @@ func testDovecotSubmission(t *testing.T, dovecot *dovecotAuth, sink *mtaSink, cf
 		if code != 535 {
 			t.Fatalf("AUTH PLAIN with a wrong password: %d %s, want Dovecot's 535", code, msg)
 		}
-		dovecot.log.wait(t, regexp.MustCompile(`passwd-file\(`+postfixUser+`,`+regexp.QuoteMeta(wrongIP)+`[,)].*Password mismatch`))
+		dovecot.log.wait(t, dovecotPasswordMismatch(wrongIP))
 	})
 }
 
