@@ -170,7 +170,8 @@ func obtainedCount(t *testing.T, proc *caddyProc, host string) int {
 	return bytes.Count(out, []byte(`"msg":"certificate obtained successfully","identifier":"`+host+`"`))
 }
 
-// serial is how pebble logs a certificate's serial.
+// serial is a certificate's serial in lowercase hex without leading zeros,
+// for comparing the certificates served with those issued.
 func serial(cert *x509.Certificate) string { return cert.SerialNumber.Text(16) }
 
 // TestACMECertificates: `smtp mail.test` alone, with Pebble as the global

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -13,13 +14,18 @@ import (
 	"fmt"
 	"io"
 	"math/big"
+	"mime"
 	"net"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -38,7 +44,8 @@ const (
 // pebbleCA is a running Pebble.
 type pebbleCA struct {
 	dir         string // its config, TLS certificate and log
-	dirURL      string // the ACME directory: acme_ca
+	dirURL      string // the ACME directory, through the recorder: acme_ca
+	ownDirURL   string // the ACME directory on Pebble's own listener
 	mgmtURL     string // the management interface
 	tlsCertPath string // the CA of Pebble's own HTTPS certificate: acme_ca_root
 	logPath     string
@@ -53,6 +60,8 @@ type pebbleCA struct {
 	cmd     *exec.Cmd
 	exited  chan struct{}
 	waitErr error
+
+	recorder *acmeRecorder
 }
 
 // pebbleOptions are the settings a test may change.
@@ -63,8 +72,9 @@ type pebbleOptions struct {
 }
 
 // startPebble starts Pebble on free loopback ports with a TLS certificate
-// of its own made here, waits until its ACME directory answers, and fetches
-// its issuing root and intermediate. It skips the test (fails it under
+// of its own made here, waits until its ACME directory answers, fetches
+// its issuing root and intermediate, and puts an acmeRecorder in front of
+// its ACME listener (dirURL). It skips the test (fails it under
 // SMTP_EDGE_REQUIRE_TOOLS=1) when pebble is not installed. Pebble is
 // stopped when t's cleanup runs; its log is printed if t failed.
 func startPebble(t *testing.T, opts pebbleOptions) *pebbleCA {
@@ -78,6 +88,8 @@ func startPebble(t *testing.T, opts pebbleOptions) *pebbleCA {
 	for attempt := 1; ; attempt++ {
 		p, err := startPebbleOnce(t, bin, dir, attempt, certPath, keyPath, tlsRoots, opts)
 		if err == nil {
+			p.recorder = startACMERecorder(t, p.ownDirURL, certPath, keyPath, tlsRoots)
+			p.dirURL = p.recorder.dirURL
 			return p
 		}
 		if attempt < attempts && p.portInUse() {
@@ -96,7 +108,7 @@ func startPebbleOnce(t *testing.T, bin, dir string, attempt int, certPath, keyPa
 	_, tlsPort, _ := net.SplitHostPort(freeAddr(t))
 	p := &pebbleCA{
 		dir:         dir,
-		dirURL:      "https://" + listen + "/dir",
+		ownDirURL:   "https://" + listen + "/dir",
 		mgmtURL:     "https://" + mgmt,
 		tlsCertPath: certPath,
 		logPath:     filepath.Join(dir, fmt.Sprintf("pebble-%d.log", attempt)),
@@ -182,18 +194,18 @@ func (p *pebbleCA) waitReady() error {
 			return fmt.Errorf("pebble exited: %v", p.waitErr)
 		default:
 		}
-		body, err := p.get(p.dirURL)
+		body, err := p.get(p.ownDirURL)
 		if err == nil {
 			var dir struct {
 				NewOrder string `json:"newOrder"`
 			}
 			if err := json.Unmarshal(body, &dir); err != nil || dir.NewOrder == "" {
-				return fmt.Errorf("%s is not an ACME directory: %q", p.dirURL, body)
+				return fmt.Errorf("%s is not an ACME directory: %q", p.ownDirURL, body)
 			}
 			break
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s: not answering after %s: %v", p.dirURL, pebbleStartTimeout, err)
+			return fmt.Errorf("%s: not answering after %s: %v", p.ownDirURL, pebbleStartTimeout, err)
 		}
 		time.Sleep(50 * time.Millisecond) // polling interval of a readiness check
 	}
@@ -269,29 +281,108 @@ func (p *pebbleCA) portInUse() bool {
 func (p *pebbleCA) stop(t *testing.T) { stopProcess(t, "pebble", p.cmd, p.exited) }
 
 // issuedSerials returns the serials of every certificate Pebble has issued
-// so far (its log's "Issued certificate serial ... for order ..." lines), in
-// order, in lowercase hex without leading zeros.
+// to caddy so far, as the recorder saw them go by, in order, as serial()
+// writes them.
 func (p *pebbleCA) issuedSerials(t *testing.T) []string {
 	t.Helper()
-	out, err := os.ReadFile(p.logPath)
+	return p.recorder.serials(t)
+}
+
+// acmeRecorder is an HTTPS reverse proxy in front of Pebble's ACME
+// listener, with Pebble's own TLS certificate, through which caddy talks to
+// Pebble. It counts issuance by the ACME protocol instead of by the wording
+// of Pebble's log: it records the first certificate of every response of
+// media type application/pem-certificate-chain, the certificate download
+// that ends an issuance (RFC 8555 7.4.2). The Host header goes to Pebble as
+// caddy sent it, so the URLs Pebble hands out lead back through the proxy.
+type acmeRecorder struct {
+	dirURL string
+
+	mu      sync.Mutex
+	issued  []string // serials, in the order of issuance, each once
+	badBody []string // certificate downloads that held no certificate
+}
+
+func startACMERecorder(t *testing.T, pebbleDirURL, certPath, keyPath string, pebbleRoots *x509.CertPool) *acmeRecorder {
+	t.Helper()
+	target, err := url.Parse(pebbleDirURL)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var serials []string
-	for _, line := range scanLines(string(out)) {
-		// "Issued" in Debian's 2.4, "issued" in later Pebbles
-		_, rest, ok := strings.Cut(strings.ToLower(line), "issued certificate serial ")
-		if !ok {
-			continue
-		}
-		hex, _, _ := strings.Cut(rest, " ")
-		n, ok := new(big.Int).SetString(hex, 16)
-		if !ok {
-			t.Fatalf("pebble logged a serial that is not hex: %q", line)
-		}
-		serials = append(serials, n.Text(16)) // as serial() writes it: no leading zeros
+	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return serials
+	transport := &http.Transport{
+		Proxy:           nil, // loopback, never through a proxy
+		TLSClientConfig: &tls.Config{RootCAs: pebbleRoots, MinVersion: tls.VersionTLS12},
+	}
+	r := new(acmeRecorder)
+	proxy := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(&url.URL{Scheme: target.Scheme, Host: target.Host})
+			pr.Out.Host = pr.In.Host
+		},
+		Transport:      transport,
+		ModifyResponse: r.record,
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{
+		Handler:           proxy,
+		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
+		ReadHeaderTimeout: ioTimeout,
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = srv.ServeTLS(ln, "", "")
+	}()
+	t.Cleanup(func() {
+		_ = srv.Close()
+		<-done
+		transport.CloseIdleConnections()
+	})
+	r.dirURL = "https://" + ln.Addr().String() + target.Path
+	return r
+}
+
+// record notes the certificate in a certificate download.
+func (r *acmeRecorder) record(resp *http.Response) error {
+	mediaType, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
+	if resp.StatusCode != http.StatusOK || mediaType != "application/pem-certificate-chain" {
+		return nil
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return err
+	}
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	leaf, err := firstPEMCertificate(body)
+	if err != nil {
+		r.badBody = append(r.badBody, fmt.Sprintf("%v: %q", err, body))
+		return nil
+	}
+	if s := serial(leaf); !slices.Contains(r.issued, s) {
+		r.issued = append(r.issued, s)
+	}
+	return nil
+}
+
+// serials returns the serials of the certificates downloaded so far.
+func (r *acmeRecorder) serials(t *testing.T) []string {
+	t.Helper()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, b := range r.badBody {
+		t.Errorf("a certificate download from pebble held no certificate: %s", b)
+	}
+	return slices.Clone(r.issued)
 }
 
 // writePebbleTLSCert makes a self-signed CA certificate for Pebble's own
