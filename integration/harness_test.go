@@ -278,7 +278,11 @@ type caddySetup struct {
 	caddyfile string // used as it is instead of config, when set
 	// roots, when set, are the CA certificates clients trust instead of
 	// Caddy's local CA (a test ACME CA's roots, say)
-	roots     *x509.CertPool
+	roots *x509.CertPool
+	// editJSON, when set, edits the JSON that the Caddyfile adapts to, and
+	// caddy runs that JSON: for what the Caddyfile cannot say (the TLS
+	// app's session_tickets, say)
+	editJSON  func(config map[string]any)
 	addrs     []string
 	probe     listener
 	hostnames []string
@@ -341,14 +345,21 @@ func startCaddyOnce(t *testing.T, setup caddySetup) (*caddyProc, error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.cmd = exec.Command(caddyBinary, "run", "--config", caddyfilePath, "--adapter", "caddyfile")
-	p.cmd.Dir = dir
-	p.cmd.Env = append(environWithout("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"),
+	env := append(environWithout("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"),
 		"HOME="+home,
 		"XDG_DATA_HOME="+p.dataDir,
 		"XDG_CONFIG_HOME="+configDir,
 		"XDG_CACHE_HOME="+filepath.Join(dir, "cache"),
 	)
+	args := []string{"run", "--config", caddyfilePath, "--adapter", "caddyfile"}
+	if setup.editJSON != nil {
+		jsonPath := filepath.Join(dir, "caddy.json")
+		writeEditedJSON(t, caddyfilePath, jsonPath, setup.editJSON)
+		args = []string{"run", "--config", jsonPath}
+	}
+	p.cmd = exec.Command(caddyBinary, args...)
+	p.cmd.Dir = dir
+	p.cmd.Env = env
 	p.cmd.Stdout = logFile
 	p.cmd.Stderr = logFile
 	if err := p.cmd.Start(); err != nil {
@@ -375,6 +386,28 @@ func startCaddyOnce(t *testing.T, setup caddySetup) (*caddyProc, error) {
 		return p, err
 	}
 	return p, nil
+}
+
+// writeEditedJSON adapts the Caddyfile with caddy adapt, edits the JSON and
+// writes it to jsonPath.
+func writeEditedJSON(t *testing.T, caddyfilePath, jsonPath string, edit func(map[string]any)) {
+	t.Helper()
+	out, err := exec.Command(caddyBinary, "adapt", "--config", caddyfilePath, "--adapter", "caddyfile").Output()
+	if err != nil {
+		t.Fatalf("caddy adapt: %v", err)
+	}
+	var config map[string]any
+	if err := json.Unmarshal(out, &config); err != nil {
+		t.Fatalf("caddy adapt's JSON: %v", err)
+	}
+	edit(config)
+	data, err := json.MarshalIndent(config, "", "\t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(jsonPath, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // portInUse reports whether caddy exited because an address was taken.
