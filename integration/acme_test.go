@@ -159,15 +159,20 @@ func checkPebbleLeaf(t *testing.T, pebble *pebbleCA, what string, chain []*x509.
 	}
 }
 
-// obtainedCount is how many times caddy's log says it obtained a
-// certificate for host.
+// obtainedCount is how many times caddy obtained a certificate for host:
+// its cert_obtained events (logged at debug level, which startACMEEdge
+// sets), by the event's name and identifier, which are Caddy's documented
+// events API, rather than by a log message's wording.
 func obtainedCount(t *testing.T, proc *caddyProc, host string) int {
 	t.Helper()
-	out, err := os.ReadFile(proc.logPath)
-	if err != nil {
-		t.Fatal(err)
+	n := 0
+	for _, e := range proc.logEntries(t) {
+		data, _ := e["data"].(map[string]any)
+		if logField(e, "logger") == "events" && logField(e, "name") == "cert_obtained" && logField(data, "identifier") == host {
+			n++
+		}
 	}
-	return bytes.Count(out, []byte(`"msg":"certificate obtained successfully","identifier":"`+host+`"`))
+	return n
 }
 
 // serial is a certificate's serial in lowercase hex without leading zeros,
@@ -390,12 +395,13 @@ func TestExampleCaddyfileACME(t *testing.T) {
 	cmd.Dir = dir
 	cmd.Env = env(proxy)
 	vout, err := cmd.CombinedOutput()
+	// the exit status says whether the configuration is valid
 	if err != nil {
 		t.Fatalf("caddy validate %s: %v\n%s", example, err, vout)
 	}
-	if !bytes.Contains(vout, []byte("Valid configuration")) {
-		t.Errorf("caddy validate did not say the configuration is valid:\n%s", vout)
-	}
+	// a negative check on a log message, which a change of wording could
+	// only weaken; what decides is below: no request through the proxy, and
+	// nothing stored
 	if bytes.Contains(vout, []byte("obtaining certificate")) {
 		t.Errorf("caddy validate started obtaining a certificate:\n%s", vout)
 	}
