@@ -25,6 +25,9 @@ func TestQuickstart(t *testing.T) {
 		{name: "submissions", mode: implicitTLS, addr: "127.0.0.1:1465"},
 		{name: "submission", mode: startTLS, addr: "127.0.0.1:1587"},
 		{name: "alt", mode: startTLS, addr: "127.0.0.1:2525"},
+		// the README's second example: a STARTTLS client on the implicit
+		// TLS port (detect_tls)
+		{name: "STARTTLS on the submissions port", mode: startTLS, addr: "127.0.0.1:1465"},
 	}
 	addrs := []string{listeners[0].addr, listeners[1].addr, listeners[2].addr, "127.0.0.1:10025"}
 	for _, addr := range addrs {
