@@ -258,6 +258,10 @@ var testsslMachineWarnings = map[string]bool{
 // anything below TLS 1.2, TLS 1.2 or 1.3 missing, a weak suite, a suite
 // without forward secrecy, ALPN offered (implicit TLS only: testssl.sh does
 // not test ALPN over STARTTLS), or a certificate not trusted for the name.
+// It reads testssl.sh's JSON file (--jsonfile), its output for programs:
+// findings by id, whose values ("offered", "not offered", "passed", "Ok via
+// SAN", the cipher lines) are what its own CSV and HTML writers and CI
+// integrations consume; a value it does not know is a problem, never a pass.
 func judgeTestssl(findings []testsslFinding, checkALPN bool) []string {
 	var problems []string
 	byID := make(map[string]testsslFinding)
@@ -745,6 +749,23 @@ func TestTLSPolicyClientAuth(t *testing.T) {
 				t.Fatalf("delivery: %v", err)
 			}
 			sinkMessage(t, sinkDir, token)
+		})
+		t.Run("Go-no-resumption/"+l.name, func(t *testing.T) {
+			t.Parallel()
+			// a ticket must never stand in for the client certificate:
+			// with client_auth no session resumes
+			cfg := proc.tlsConfig(firstHost)
+			cfg.Certificates = []tls.Certificate{pki.cert}
+			cfg.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+			for i := range 2 {
+				c := smtpClient(t, l, cfg)
+				if state, _ := c.TLSConnectionState(); state.DidResume {
+					t.Errorf("session %d resumed under client_auth", i+1)
+				}
+				if err := c.Quit(); err != nil {
+					t.Errorf("QUIT: %v", err)
+				}
+			}
 		})
 	}
 }
