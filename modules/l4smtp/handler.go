@@ -48,13 +48,25 @@ func init() {
 // CHUNKING, SMTPUTF8, AUTH, ...) and nothing it must not use. A backend that
 // cannot be reached or does not greet in time gets the client a 421.
 //
+// Every listener can serve both kinds of client (detect_tls): a client that
+// starts with a TLS ClientHello gets implicit TLS, a client that waits for a
+// greeting gets the STARTTLS dialogue. It is on by default on implicit TLS
+// listeners, where a client that stays silent for a second is greeted in
+// plaintext (tlsmode.go).
+//
+// TLS sessions resume (TLS 1.2 tickets, TLS 1.3 pre-shared keys) with keys
+// from Caddy's session ticket key service (sessiontickets.go); after the
+// handshake the handler sets caddy-l4's {l4.tls.*} placeholders
+// (placeholders.go).
+//
 // When Caddy exits, sessions between mail transactions get "421 4.3.2" and
 // are closed, and sessions in a transaction get it as soon as the
 // transaction is over, within the shutdown timeout (see shutdown.go).
 //
 // Every hostname gets a certificate from Caddy's TLS app, with the Caddyfile's
 // global TLS options; internal names (localhost, *.localhost, *.internal, IP
-// addresses) get one from Caddy's local CA.
+// addresses) get one from Caddy's local CA. A client that asks for a name
+// without a certificate gets the first hostname's.
 //
 // Caddyfile, inside the layer4 global option; routes with an smtp handler must
 // have no byte-reading matchers in front, because SMTP clients wait for the
