@@ -160,9 +160,9 @@ func checkPebbleLeaf(t *testing.T, pebble *pebbleCA, what string, chain []*x509.
 }
 
 // obtainedCount is how many times caddy obtained a certificate for host:
-// its cert_obtained events (logged at debug level, which startACMEEdge
-// sets), by the event's name and identifier, which are Caddy's documented
-// events API, rather than by a log message's wording.
+// its cert_obtained events (logged at debug level, which the tests'
+// Caddyfiles set), by the event's name and identifier, which are Caddy's
+// documented events API, rather than by a log message's wording.
 func obtainedCount(t *testing.T, proc *caddyProc, host string) int {
 	t.Helper()
 	n := 0

@@ -71,11 +71,7 @@ func TestCertificateSharedWithHTTPSSite(t *testing.T) {
 		t.Errorf("the edge and the HTTPS site serve different certificates (serials %s and %s)",
 			edgeLeaf.SerialNumber, siteLeaf.SerialNumber)
 	}
-	log, err := os.ReadFile(proc.logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := bytes.Count(log, []byte(`"msg":"certificate obtained successfully","identifier":"`+firstHost+`"`)); n != 1 {
+	if n := obtainedCount(t, proc, firstHost); n != 1 {
 		t.Errorf("certificate for %s obtained %d times, want once", firstHost, n)
 	}
 }
