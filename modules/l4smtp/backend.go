@@ -82,7 +82,7 @@ func parseBackend(s string) (backendAddr, error) {
 // left, so that one that drops packets (rather than refusing) does not use
 // up the time of the addresses after it.
 func (h *Handler) dialBackend(cx *layer4.Connection, start time.Time) (net.Conn, error) {
-	deadline := start.Add(h.backend)
+	deadline := start.Add(h.timeout.backend)
 	var dialer net.Dialer
 	var errs []error
 	for i, addr := range h.backends {

@@ -60,7 +60,7 @@ func (s *dialogue) run(talked bool) net.Conn {
 		return nil
 	}
 	for lines := 0; ; lines++ {
-		_ = s.cx.SetDeadline(time.Now().Add(h.command))
+		_ = s.cx.SetDeadline(time.Now().Add(h.timeout.command))
 		// after the deadline is set: drain's wake-up cannot be undone
 		if s.sess.isDraining() {
 			s.shutDown()
@@ -145,7 +145,7 @@ func (s *dialogue) run(talked bool) net.Conn {
 // whole greeting. talked says the client sent bytes before the first line.
 func (s *dialogue) greet(talked bool) bool {
 	h := s.h
-	if h.pregreet == 0 {
+	if h.timeout.pregreet == 0 {
 		return s.reply(h.greeting)
 	}
 	first := append([]byte("220-"), h.greeting[4:]...)
@@ -155,7 +155,7 @@ func (s *dialogue) greet(talked bool) bool {
 	if talked {
 		return s.earlyTalker()
 	}
-	_ = s.cx.SetReadDeadline(time.Now().Add(h.pregreet - h.detectTLS))
+	_ = s.cx.SetReadDeadline(time.Now().Add(h.timeout.pregreet - h.detectTLS))
 	var b [1]byte
 	n, err := s.cx.Read(b[:])
 	switch {
@@ -199,7 +199,7 @@ func (s *dialogue) startTLS() net.Conn {
 	if !s.reply(replyReady) {
 		return nil
 	}
-	_ = s.cx.SetDeadline(time.Now().Add(s.h.handshake))
+	_ = s.cx.SetDeadline(time.Now().Add(s.h.timeout.handshake))
 	var first [1]byte
 	if _, err := io.ReadFull(s.cx, first[:]); err != nil {
 		s.h.logger.Debug("no TLS handshake after STARTTLS",

@@ -188,13 +188,8 @@ type Handler struct {
 	hostname  string // the first of Hostnames, after placeholders
 	greeting  []byte
 	replies   replies
-	command   time.Duration
-	handshake time.Duration
-	backend   time.Duration
-	idle      time.Duration
-	shutdown  time.Duration
+	timeout   timeouts
 	maxErrors int
-	pregreet  time.Duration // zero unless early_talker is reject
 	detectTLS time.Duration // zero: detect_tls is off
 	limits    *connLimits
 	tlsConfig *tls.Config // shared by all connections: see setTLSConfig
@@ -237,6 +232,12 @@ type Timeouts struct {
 	// Keep it below the time a service manager waits before it kills Caddy
 	// (systemd's TimeoutStopSec, 5s in Caddy's own unit file). Default: 30s.
 	Shutdown caddy.Duration `json:"shutdown,omitempty"`
+}
+
+// timeouts are the handler's Timeouts with the defaults filled in.
+type timeouts struct {
+	command, handshake, backend, idle, shutdown time.Duration
+	pregreet                                    time.Duration // zero unless early_talker is reject
 }
 
 const (
@@ -325,11 +326,11 @@ func (h *Handler) setup() ([]string, error) {
 			return nil, fmt.Errorf("smtp: timeouts: %s must not be negative, got %s", what, time.Duration(d))
 		}
 	}
-	h.command = durationOr(h.Timeouts.Command, defaultCommand)
-	h.handshake = durationOr(h.Timeouts.Handshake, defaultHandshake)
-	h.backend = durationOr(h.Timeouts.Backend, defaultBackend)
-	h.idle = durationOr(h.Timeouts.Idle, defaultIdle)
-	h.shutdown = durationOr(h.Timeouts.Shutdown, defaultShutdown)
+	h.timeout.command = durationOr(h.Timeouts.Command, defaultCommand)
+	h.timeout.handshake = durationOr(h.Timeouts.Handshake, defaultHandshake)
+	h.timeout.backend = durationOr(h.Timeouts.Backend, defaultBackend)
+	h.timeout.idle = durationOr(h.Timeouts.Idle, defaultIdle)
+	h.timeout.shutdown = durationOr(h.Timeouts.Shutdown, defaultShutdown)
 
 	if h.MaxConnections < 0 || h.MaxConnectionsPerIP < 0 {
 		return nil, fmt.Errorf("smtp: connection limits must not be negative, got max_connections %d, max_connections_per_ip %d",
@@ -343,9 +344,9 @@ func (h *Handler) setup() ([]string, error) {
 
 	switch h.EarlyTalker {
 	case "", "off":
-		h.pregreet = 0
+		h.timeout.pregreet = 0
 	case "reject":
-		h.pregreet = durationOr(h.Timeouts.Pregreet, defaultPregreet)
+		h.timeout.pregreet = durationOr(h.Timeouts.Pregreet, defaultPregreet)
 		if h.ImplicitTLS {
 			return nil, errors.New("smtp: early_talker applies to the STARTTLS dialogue, not to implicit_tls, where the client speaks first")
 		}
@@ -360,13 +361,13 @@ func (h *Handler) setup() ([]string, error) {
 		h.detectTLS = time.Duration(h.DetectTLS)
 	case h.ImplicitTLS:
 		h.detectTLS = defaultDetectImplicit
-	case h.pregreet > 0:
-		h.detectTLS = min(defaultDetectEarlyTalker, h.pregreet/2)
+	case h.timeout.pregreet > 0:
+		h.detectTLS = min(defaultDetectEarlyTalker, h.timeout.pregreet/2)
 	default:
 		h.detectTLS = 0
 	}
-	if h.pregreet > 0 {
-		if err := detectWithinPregreet(h.detectTLS, h.pregreet); err != nil {
+	if h.timeout.pregreet > 0 {
+		if err := detectWithinPregreet(h.detectTLS, h.timeout.pregreet); err != nil {
 			return nil, fmt.Errorf("smtp: %w", err)
 		}
 	}

@@ -21,8 +21,8 @@ func TestSetupDefaults(t *testing.T) {
 	if string(h.greeting) != "220 mail.example.com ESMTP\r\n" {
 		t.Errorf("greeting %q", h.greeting)
 	}
-	if h.command != time.Minute || h.handshake != 10*time.Second || h.backend != 30*time.Second || h.idle != 10*time.Minute {
-		t.Errorf("timeouts %v %v %v %v", h.command, h.handshake, h.backend, h.idle)
+	if h.timeout.command != time.Minute || h.timeout.handshake != 10*time.Second || h.timeout.backend != 30*time.Second || h.timeout.idle != 10*time.Minute {
+		t.Errorf("timeouts %v %v %v %v", h.timeout.command, h.timeout.handshake, h.timeout.backend, h.timeout.idle)
 	}
 	if h.maxErrors != 5 {
 		t.Errorf("max errors %d", h.maxErrors)

@@ -43,8 +43,8 @@ func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn,
 	}
 	start := time.Now()
 	c.touch()
-	c.backendTimer = time.AfterFunc(h.backend, c.backendTimeout)
-	c.idleTimer = time.AfterFunc(h.idle, c.idleCheck)
+	c.backendTimer = time.AfterFunc(h.timeout.backend, c.backendTimeout)
+	c.idleTimer = time.AfterFunc(h.timeout.idle, c.idleCheck)
 
 	var err error
 	if wrapped != nil {
@@ -222,7 +222,7 @@ func (c *relayConn) expire() {
 		if wasOpen {
 			c.h.logger.Warn("shutdown timeout over; ending a session in a transaction",
 				zap.String("remote", c.remote),
-				zap.Duration("timeout", c.h.shutdown),
+				zap.Duration("timeout", c.h.timeout.shutdown),
 				zap.Bool("awaiting_end_of_message_reply", awaitingEnd))
 			c.finalReply(c.h.replies.shuttingDown)
 		}
@@ -274,7 +274,7 @@ func (c *relayConn) backendTimeout() {
 	}
 	c.h.logger.Warn("mail server did not greet in time",
 		zap.String("remote", c.remote),
-		zap.Duration("timeout", c.h.backend))
+		zap.Duration("timeout", c.h.timeout.backend))
 	c.finalReply(c.h.replies.backendUnavailable)
 	c.closed.Store(true)
 	c.greetingSeen()
@@ -288,13 +288,13 @@ func (c *relayConn) idleCheck() {
 		return
 	}
 	silent := time.Since(time.Unix(0, c.lastActive.Load()))
-	if silent < c.h.idle {
-		c.idleTimer.Reset(c.h.idle - silent)
+	if silent < c.h.timeout.idle {
+		c.idleTimer.Reset(c.h.timeout.idle - silent)
 		return
 	}
 	c.h.logger.Debug("idle timeout after TLS",
 		zap.String("remote", c.remote),
-		zap.Duration("timeout", c.h.idle))
+		zap.Duration("timeout", c.h.timeout.idle))
 	// a write that is stuck on a client which does not read holds the
 	// lock; then there is no way to send a reply, only to close
 	if c.wmu.TryLock() {

@@ -74,7 +74,7 @@ func (s *session) drain() {
 	s.mu.Lock()
 	s.draining = true
 	p := s.phase
-	s.timer = time.AfterFunc(s.h.shutdown, s.expire)
+	s.timer = time.AfterFunc(s.h.timeout.shutdown, s.expire)
 	s.mu.Unlock()
 	if p != nil {
 		p.drain()
@@ -111,7 +111,7 @@ func (set *sessionSet) add(h *Handler, conn net.Conn) *session {
 	set.sessions[s] = struct{}{}
 	if set.draining {
 		s.draining = true
-		s.timer = time.AfterFunc(h.shutdown, s.expire)
+		s.timer = time.AfterFunc(h.timeout.shutdown, s.expire)
 	}
 	return s
 }
@@ -143,7 +143,7 @@ func (set *sessionSet) drain(context.Context) {
 	var longest time.Duration
 	for s := range set.sessions {
 		sessions = append(sessions, s)
-		longest = max(longest, s.h.shutdown)
+		longest = max(longest, s.h.timeout.shutdown)
 	}
 	if len(sessions) == 0 {
 		close(set.empty)

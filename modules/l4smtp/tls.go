@@ -88,7 +88,7 @@ func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn, implicit bool) 
 	hello := new(l4tls.ClientHelloInfo)
 	ctx := context.WithValue(cx.Context, clientHelloKey{}, hello)
 	tlsConn := tls.Server(conn, h.tlsConfig)
-	_ = cx.SetDeadline(time.Now().Add(h.handshake))
+	_ = cx.SetDeadline(time.Now().Add(h.timeout.handshake))
 	// on a goroutine of its own: the handshake needs a deep stack, and a
 	// goroutine keeps its stack's largest size for long after, while the
 	// session's goroutine lives as long as the session (idle, mostly).
