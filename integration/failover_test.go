@@ -81,14 +81,14 @@ func TestBackendFailover(t *testing.T) {
 			e := proc.waitLogEntry(t, "warning that "+refused+" was unreachable for "+ip,
 				func(e map[string]any) bool {
 					return logField(e, "msg") == "mail server unreachable; trying the next backend" &&
-						strings.HasPrefix(logField(e, "remote"), ip+":")
+						logField(e, "remote_ip") == ip
 				})
 			if logField(e, "level") != "warn" || logField(e, "backend") != refused ||
 				!strings.Contains(logField(e, "error"), "connection refused") {
 				t.Errorf("log entry %v, want a warning for backend %s, connection refused", e, refused)
 			}
 			for _, e := range proc.logEntries(t) {
-				if logField(e, "msg") == "mail server unavailable" && strings.HasPrefix(logField(e, "remote"), ip+":") {
+				if logField(e, "msg") == "mail server unavailable" && logField(e, "remote_ip") == ip {
 					t.Errorf("the session that was delivered is logged as unavailable: %v", e)
 				}
 			}
@@ -108,7 +108,7 @@ func TestBackendFailover(t *testing.T) {
 			// the first address was tried, then the second
 			fromIP := func(msg string) func(map[string]any) bool {
 				return func(e map[string]any) bool {
-					return logField(e, "msg") == msg && strings.HasPrefix(logField(e, "remote"), ip+":")
+					return logField(e, "msg") == msg && logField(e, "remote_ip") == ip
 				}
 			}
 			e := proc.waitLogEntry(t, "warning that "+refused+" was unreachable for "+ip,

@@ -81,7 +81,8 @@ func parseBackend(s string) (backendAddr, error) {
 // header if one is configured. Each address gets an equal share of the time
 // left, so that one that drops packets (rather than refusing) does not use
 // up the time of the addresses after it.
-func (h *Handler) dialBackend(cx *layer4.Connection, start time.Time) (net.Conn, error) {
+func (h *Handler) dialBackend(sess *session, start time.Time) (net.Conn, error) {
+	cx := sess.cx
 	deadline := start.Add(h.timeout.backend)
 	var dialer net.Dialer
 	var errs []error
@@ -94,8 +95,7 @@ func (h *Handler) dialBackend(cx *layer4.Connection, start time.Time) (net.Conn,
 		}
 		errs = append(errs, err)
 		if left > 1 && time.Now().Before(deadline) {
-			h.logger.Warn("mail server unreachable; trying the next backend",
-				zap.String("remote", cx.RemoteAddr().String()),
+			sess.log().Warn("mail server unreachable; trying the next backend",
 				zap.String("backend", addr.address),
 				zap.Error(err))
 		}

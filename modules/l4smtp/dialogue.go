@@ -33,8 +33,8 @@ var commandsNeedingTLS = [][]byte{
 // its mode (see tlsmode.go). It returns the connection to run the TLS
 // handshake on, or nil when the session is over (QUIT, timeout, too many
 // errors, an injection attempt, or the client went away).
-func (h *Handler) plaintextDialogue(cx *layer4.Connection, sess *session, first []byte) net.Conn {
-	s := &dialogue{h: h, cx: cx, sess: sess, in: newLineReader(cx)}
+func (h *Handler) plaintextDialogue(sess *session, first []byte) net.Conn {
+	s := &dialogue{h: h, cx: sess.cx, sess: sess, in: newLineReader(sess.cx)}
 	s.in.w = copy(s.in.buf, first)
 	defer sess.enter(nil)
 	if sess.enter(s) {
@@ -79,8 +79,7 @@ func (s *dialogue) run(talked bool) net.Conn {
 			// a TLS client on a listener that does not detect one:
 			// it has taken the greeting for a broken TLS record
 			// already, and a plaintext reply would only add to that
-			h.logger.Debug("TLS handshake instead of SMTP on a STARTTLS listener (detect_tls serves such clients); closing",
-				zap.String("remote", s.cx.RemoteAddr().String()))
+			s.sess.log().Debug("TLS handshake instead of SMTP on a STARTTLS listener (detect_tls serves such clients); closing")
 			return nil
 		}
 		verb, args := splitCommand(line)
@@ -127,8 +126,7 @@ func (s *dialogue) run(talked bool) net.Conn {
 		if reply[0] == '5' {
 			s.errors++
 			if s.errors >= h.maxErrors {
-				h.logger.Warn("too many SMTP errors before TLS; closing",
-					zap.String("remote", s.cx.RemoteAddr().String()),
+				s.sess.log().Warn("too many SMTP errors before TLS; closing",
 					zap.Int("errors", s.errors))
 				s.finalReply(h.replies.tooMany)
 				return nil
@@ -162,8 +160,7 @@ func (s *dialogue) greet(talked bool) bool {
 	case n > 0 && b[0] == tlsHandshakeRecord:
 		// a TLS client that started after the first greeting line:
 		// it has that line in its stream, and no reply can help it
-		h.logger.Debug("TLS handshake after the first greeting line; closing",
-			zap.String("remote", s.cx.RemoteAddr().String()))
+		s.sess.log().Debug("TLS handshake after the first greeting line; closing")
 		return false
 	case n > 0:
 		return s.earlyTalker()
@@ -176,8 +173,7 @@ func (s *dialogue) greet(talked bool) bool {
 // earlyTalker ends the session of a client that talked before the greeting
 // was complete.
 func (s *dialogue) earlyTalker() bool {
-	s.h.logger.Warn("client talked before the greeting; closing",
-		zap.String("remote", s.cx.RemoteAddr().String()))
+	s.sess.log().Warn("client talked before the greeting; closing")
 	s.finalReply(replyEarlyTalker)
 	return false
 }
@@ -202,8 +198,7 @@ func (s *dialogue) startTLS() net.Conn {
 	_ = s.cx.SetDeadline(time.Now().Add(s.h.timeout.handshake))
 	var first [1]byte
 	if _, err := io.ReadFull(s.cx, first[:]); err != nil {
-		s.h.logger.Debug("no TLS handshake after STARTTLS",
-			zap.String("remote", s.cx.RemoteAddr().String()),
+		s.sess.log().Debug("no TLS handshake after STARTTLS",
 			zap.Error(err))
 		return nil
 	}
@@ -224,13 +219,12 @@ func (s *dialogue) expire() { _ = s.cx.Close() }
 
 // shutDown ends the dialogue for shutdown.
 func (s *dialogue) shutDown() {
-	s.h.logger.Debug("ending session for shutdown", zap.String("remote", s.cx.RemoteAddr().String()))
+	s.sess.log().Debug("ending session for shutdown")
 	s.finalReply(s.h.replies.shuttingDown)
 }
 
 func (s *dialogue) injection(what string) {
-	s.h.logger.Warn("STARTTLS command injection attempt; closing without TLS",
-		zap.String("remote", s.cx.RemoteAddr().String()),
+	s.sess.log().Warn("STARTTLS command injection attempt; closing without TLS",
 		zap.String("detail", what))
 }
 
@@ -238,22 +232,19 @@ func (s *dialogue) injection(what string) {
 // anything else (the client went away) just ends.
 func (s *dialogue) readFailed(err error) {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		s.h.logger.Debug("command timeout before TLS",
-			zap.String("remote", s.cx.RemoteAddr().String()))
+		s.sess.log().Debug("command timeout before TLS")
 		s.finalReply(s.h.replies.timeout)
 		return
 	}
 	if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
-		s.h.logger.Debug("reading command before TLS",
-			zap.String("remote", s.cx.RemoteAddr().String()),
+		s.sess.log().Debug("reading command before TLS",
 			zap.Error(err))
 	}
 }
 
 func (s *dialogue) reply(b []byte) bool {
 	if _, err := s.cx.Write(b); err != nil {
-		s.h.logger.Debug("writing reply before TLS",
-			zap.String("remote", s.cx.RemoteAddr().String()),
+		s.sess.log().Debug("writing reply before TLS",
 			zap.Error(err))
 		return false
 	}

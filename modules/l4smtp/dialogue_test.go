@@ -117,7 +117,7 @@ func TestDialogue(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h, _ := newTestHandler(t, func(h *Handler) { h.MaxErrors = tt.maxErrors })
-			client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx, newTestSession(h, cx), nil) })
+			client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(newTestSession(h, cx), nil) })
 			r := bufio.NewReader(client)
 			if got := readReplies(t, r, 1)[0]; got != "220 mail.test ESMTP" {
 				t.Fatalf("greeting %q", got)
@@ -152,7 +152,7 @@ func TestDialogueGreeting(t *testing.T) {
 		h.Hostnames = []string{"MX1.Example.COM.", "mx2.example.com"}
 		h.Greeting = "Ready for mail"
 	})
-	client, _ := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx, newTestSession(h, cx), nil) })
+	client, _ := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(newTestSession(h, cx), nil) })
 	r := bufio.NewReader(client)
 	if got := readReplies(t, r, 1)[0]; got != "220 mx1.example.com Ready for mail" {
 		t.Fatalf("greeting %q", got)
@@ -161,7 +161,7 @@ func TestDialogueGreeting(t *testing.T) {
 
 func TestDialogueCommandTimeout(t *testing.T) {
 	h, logs := newTestHandler(t, func(h *Handler) { h.Timeouts.Command = caddy.Duration(50 * time.Millisecond) })
-	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx, newTestSession(h, cx), nil) })
+	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(newTestSession(h, cx), nil) })
 	r := bufio.NewReader(client)
 	readReplies(t, r, 1)
 	// a partial line does not stop the clock
@@ -185,7 +185,7 @@ func TestDialogueCommandTimeout(t *testing.T) {
 // closes without reading them as commands and without replying.
 func TestDialoguePlaintextAfterReady(t *testing.T) {
 	h, logs := newTestHandler(t, nil)
-	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx, newTestSession(h, cx), nil) })
+	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(newTestSession(h, cx), nil) })
 	r := bufio.NewReader(client)
 	readReplies(t, r, 1)
 	io.WriteString(client, "STARTTLS\r\n")
@@ -205,7 +205,7 @@ func TestDialoguePlaintextAfterReady(t *testing.T) {
 
 func TestDialogueInjectionLogged(t *testing.T) {
 	h, logs := newTestHandler(t, nil)
-	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx, newTestSession(h, cx), nil) })
+	client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(newTestSession(h, cx), nil) })
 	r := bufio.NewReader(client)
 	readReplies(t, r, 1)
 	io.WriteString(client, "STARTTLS\r\nRSET\r\n")
@@ -226,11 +226,11 @@ type startTLSResult struct {
 
 func serveStartTLS(t *testing.T, h *Handler) (*bufio.Reader, *tlsClient, <-chan startTLSResult) {
 	client, done := serveOne(t, func(cx *layer4.Connection) startTLSResult {
-		conn := h.plaintextDialogue(cx, newTestSession(h, cx), nil)
+		conn := h.plaintextDialogue(newTestSession(h, cx), nil)
 		if conn == nil {
 			return startTLSResult{}
 		}
-		tlsConn := h.startTLS(cx, conn, false)
+		tlsConn := h.startTLS(newTestSession(h, cx), conn)
 		if tlsConn == nil {
 			return startTLSResult{}
 		}
@@ -314,7 +314,7 @@ func TestStartTLSHandshakeTimeout(t *testing.T) {
 
 func TestImplicitTLS(t *testing.T) {
 	h, _ := newTestHandler(t, func(h *Handler) { h.ImplicitTLS = true })
-	client, done := serveOne(t, func(cx *layer4.Connection) *tls.Conn { return h.startTLS(cx, cx, true) })
+	client, done := serveOne(t, func(cx *layer4.Connection) *tls.Conn { return h.startTLS(implicitSession(h, cx), cx) })
 	conn := tls.Client(client, testClientTLS())
 	if err := conn.Handshake(); err != nil {
 		t.Fatalf("handshake: %v", err)
@@ -323,7 +323,7 @@ func TestImplicitTLS(t *testing.T) {
 		t.Fatal("server handshake failed")
 	}
 
-	client, done = serveOne(t, func(cx *layer4.Connection) *tls.Conn { return h.startTLS(cx, cx, true) })
+	client, done = serveOne(t, func(cx *layer4.Connection) *tls.Conn { return h.startTLS(implicitSession(h, cx), cx) })
 	io.WriteString(client, "EHLO plaintext.example\r\n")
 	if <-done != nil {
 		t.Fatal("plaintext accepted on the implicit TLS port")

@@ -389,8 +389,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	defer liveSessions.remove(sess)
 
 	if limit := h.limits.acquire(cx.RemoteAddr()); limit != limitNone {
-		h.logger.Warn("connection limit reached; turning the client away",
-			zap.String("remote", cx.RemoteAddr().String()),
+		sess.log().Warn("connection limit reached; turning the client away",
 			zap.String("limit", string(limit)))
 		_ = cx.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
 		_, _ = cx.Write(h.replies.tooManyConns)
@@ -402,23 +401,24 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	if !alive {
 		return nil
 	}
+	sess.implicit = implicit
 	if implicit {
-		tlsConn := h.startTLS(cx, withPrefix(cx, first), true)
+		tlsConn := h.startTLS(sess, withPrefix(cx, first))
 		if tlsConn == nil {
 			return nil
 		}
-		return h.relay(cx, sess, tlsConn, next, false)
+		return h.relay(sess, tlsConn, next)
 	}
 
-	handshakeConn := h.plaintextDialogue(cx, sess, first)
+	handshakeConn := h.plaintextDialogue(sess, first)
 	if handshakeConn == nil {
 		return nil
 	}
-	tlsConn := h.startTLS(cx, handshakeConn, false)
+	tlsConn := h.startTLS(sess, handshakeConn)
 	if tlsConn == nil {
 		return nil
 	}
-	return h.relay(cx, sess, tlsConn, next, true)
+	return h.relay(sess, tlsConn, next)
 }
 
 func durationOr(d caddy.Duration, def time.Duration) time.Duration {

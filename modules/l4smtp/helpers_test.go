@@ -136,4 +136,12 @@ func isReset(err error) bool {
 
 // newTestSession is a session outside the process-wide set, for tests that
 // run one phase of a session.
-func newTestSession(h *Handler, conn net.Conn) *session { return &session{h: h, conn: conn} }
+func newTestSession(h *Handler, cx *layer4.Connection) *session { return newSession(h, cx) }
+
+// implicitSession is a session in implicit TLS mode, outside the
+// process-wide set.
+func implicitSession(h *Handler, cx *layer4.Connection) *session {
+	s := newSession(h, cx)
+	s.implicit = true
+	return s
+}

@@ -130,7 +130,7 @@ func TestEarlyTalker(t *testing.T) {
 			h.EarlyTalker = "reject"
 			h.Timeouts.Pregreet = caddy.Duration(20 * time.Millisecond)
 		})
-		client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx, newTestSession(h, cx), nil) })
+		client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(newTestSession(h, cx), nil) })
 		r := bufio.NewReader(client)
 		got := readReplies(t, r, 2)
 		if got[0] != "220-mail.test ESMTP" || got[1] != "220 mail.test ESMTP" {
@@ -147,7 +147,7 @@ func TestEarlyTalker(t *testing.T) {
 			h.EarlyTalker = "reject"
 			h.Timeouts.Pregreet = caddy.Duration(time.Hour) // a talker is caught at once
 		})
-		client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(cx, newTestSession(h, cx), nil) })
+		client, done := serveOne(t, func(cx *layer4.Connection) net.Conn { return h.plaintextDialogue(newTestSession(h, cx), nil) })
 		io.WriteString(client, "EHLO spambot\r\n")
 		r := bufio.NewReader(client)
 		got := readReplies(t, r, 2)

@@ -188,7 +188,7 @@ func TestTLSPlaceholderPublicKeys(t *testing.T) {
 func TestTLSPlaceholdersAfterHandshake(t *testing.T) {
 	h, _ := newTestHandler(t, func(h *Handler) { h.ImplicitTLS = true })
 	client, done := serveOne(t, func(cx *layer4.Connection) string {
-		conn := h.startTLS(cx, cx, true)
+		conn := h.startTLS(implicitSession(h, cx), cx)
 		if conn == nil {
 			return "handshake failed"
 		}

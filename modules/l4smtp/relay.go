@@ -18,19 +18,21 @@ import (
 // and deals with the ends of the session the copying cannot see: a backend
 // that is unreachable or never greets, a session that falls silent, a
 // backend that goes away.
-func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn, next layer4.Handler, greeted bool) error {
-	c := &relayConn{Conn: tlsConn, h: h, remote: cx.RemoteAddr().String(), greeting: make(chan struct{})}
-	c.filter.swallowGreeting = greeted
+func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) error {
+	cx := sess.cx
+	c := &relayConn{Conn: tlsConn, h: h, sess: sess, greeting: make(chan struct{})}
+	// in STARTTLS mode the edge has greeted the client already
+	c.filter.swallowGreeting = !sess.implicit
 	c.filter.tracker = &c.tracker
 	if sess.enter(c) {
 		// shutting down since before TLS was up: no backend for this one
-		h.logger.Debug("ending session for shutdown", zap.String("remote", c.remote))
+		sess.log().Debug("ending session for shutdown")
 		c.finalReply(h.replies.shuttingDown)
 		_ = tlsConn.Close()
 		return nil
 	}
 	defer sess.enter(nil)
-	if !greeted {
+	if sess.implicit {
 		// with implicit TLS the client waits for the backend's greeting
 		// itself, and a client that talks first is the backend's to judge
 		c.greetingSeen()
@@ -51,7 +53,7 @@ func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn,
 		err = next.Handle(wrapped)
 	} else {
 		var up net.Conn
-		if up, err = h.dialBackend(cx, start); err == nil {
+		if up, err = h.dialBackend(sess, start); err == nil {
 			if !c.closed.Load() { // not ended by a timeout or the shutdown meanwhile
 				pump(c, up)
 			}
@@ -66,8 +68,7 @@ func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn,
 	defer c.wmu.Unlock()
 	if !c.filter.greetingDone() {
 		if !c.closed.Load() {
-			h.logger.Warn("mail server unavailable",
-				zap.String("remote", c.remote),
+			sess.log().Warn("mail server unavailable",
 				zap.Error(err))
 			c.finalReply(h.replies.backendUnavailable)
 		}
@@ -88,7 +89,7 @@ func (h *Handler) relay(cx *layer4.Connection, sess *session, tlsConn *tls.Conn,
 type relayConn struct {
 	net.Conn // the TLS connection to the client
 	h        *Handler
-	remote   string
+	sess     *session
 
 	wmu      sync.Mutex // serialises writes to the client and the filter state
 	filter   replyFilter
@@ -200,7 +201,7 @@ func (c *relayConn) endIfIdle() {
 	if !idle {
 		return
 	}
-	c.h.logger.Debug("ending session for shutdown", zap.String("remote", c.remote))
+	c.sess.log().Debug("ending session for shutdown")
 	c.finalReply(c.h.replies.shuttingDown)
 	c.greetingSeen()
 	_ = c.Conn.Close()
@@ -220,8 +221,7 @@ func (c *relayConn) expire() {
 		awaitingEnd := c.tracker.awaitingEnd()
 		c.tmu.Unlock()
 		if wasOpen {
-			c.h.logger.Warn("shutdown timeout over; ending a session in a transaction",
-				zap.String("remote", c.remote),
+			c.sess.log().Warn("shutdown timeout over; ending a session in a transaction",
 				zap.Duration("timeout", c.h.timeout.shutdown),
 				zap.Bool("awaiting_end_of_message_reply", awaitingEnd))
 			c.finalReply(c.h.replies.shuttingDown)
@@ -247,16 +247,14 @@ func (c *relayConn) CloseWrite() error {
 	code := c.filter.lastReply()
 	switch {
 	case !c.filter.greetingDone():
-		c.h.logger.Warn("mail server closed the connection before greeting",
-			zap.String("remote", c.remote))
+		c.sess.log().Warn("mail server closed the connection before greeting")
 		c.finalReply(c.h.replies.backendUnavailable)
 	case c.clientEOF.Load():
 		// the client left first; nobody to tell
 	case !c.filter.midReply() && (code == "221" || code == "421"):
 		// the backend said goodbye itself
 	default:
-		c.h.logger.Debug("mail server closed the connection during the session",
-			zap.String("remote", c.remote))
+		c.sess.log().Debug("mail server closed the connection during the session")
 		c.finalReply(c.h.replies.backendGone)
 	}
 	c.closed.Store(true)
@@ -272,8 +270,7 @@ func (c *relayConn) backendTimeout() {
 	if c.filter.greetingDone() || c.closed.Load() {
 		return
 	}
-	c.h.logger.Warn("mail server did not greet in time",
-		zap.String("remote", c.remote),
+	c.sess.log().Warn("mail server did not greet in time",
 		zap.Duration("timeout", c.h.timeout.backend))
 	c.finalReply(c.h.replies.backendUnavailable)
 	c.closed.Store(true)
@@ -292,8 +289,7 @@ func (c *relayConn) idleCheck() {
 		c.idleTimer.Reset(c.h.timeout.idle - silent)
 		return
 	}
-	c.h.logger.Debug("idle timeout after TLS",
-		zap.String("remote", c.remote),
+	c.sess.log().Debug("idle timeout after TLS",
 		zap.Duration("timeout", c.h.timeout.idle))
 	// a write that is stuck on a client which does not read holds the
 	// lock; then there is no way to send a reply, only to close

@@ -118,14 +118,15 @@ func serveRelayIn(t testing.TB, h *Handler, via relayVia, sess *session, greeted
 		close(scriptDone)
 	}
 	raw, relayDone := serveOne(t, func(cx *layer4.Connection) error {
-		tlsConn := h.startTLS(cx, cx, true)
-		if tlsConn == nil {
-			return errors.New("handshake failed")
-		}
 		if sess == nil {
 			sess = newTestSession(h, cx)
 		}
-		return h.relay(cx, sess, tlsConn, next, greeted)
+		sess.cx, sess.implicit = cx, !greeted
+		tlsConn := h.startTLS(sess, cx)
+		if tlsConn == nil {
+			return errors.New("handshake failed")
+		}
+		return h.relay(sess, tlsConn, next)
 	})
 	done := make(chan error, 1)
 	go func() {

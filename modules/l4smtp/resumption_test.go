@@ -15,7 +15,7 @@ import (
 func implicitTLSSession(t *testing.T, h *Handler, cfg *tls.Config) tls.ConnectionState {
 	t.Helper()
 	client, done := serveOne(t, func(cx *layer4.Connection) *tls.Conn {
-		conn := h.startTLS(cx, cx, true)
+		conn := h.startTLS(implicitSession(h, cx), cx)
 		if conn != nil {
 			// TLS 1.3 tickets come after the handshake: let the
 			// client read them before the close

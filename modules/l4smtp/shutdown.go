@@ -2,11 +2,11 @@ package l4smtp
 
 import (
 	"context"
-	"net"
 	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 )
 
@@ -40,17 +40,6 @@ type phase interface {
 	drain()
 	// expire ends it now: the shutdown timeout is over.
 	expire()
-}
-
-// session is one client connection's part in a shutdown.
-type session struct {
-	h    *Handler
-	conn net.Conn // closed when the shutdown timeout is over and no phase ends it
-
-	mu       sync.Mutex
-	phase    phase
-	draining bool
-	timer    *time.Timer
 }
 
 // enter makes p the running phase (nil while a step runs to its own
@@ -89,7 +78,7 @@ func (s *session) expire() {
 		p.expire()
 		return
 	}
-	_ = s.conn.Close()
+	_ = s.cx.Close()
 }
 
 // sessionSet tracks the live sessions for the shutdown.
@@ -104,10 +93,10 @@ type sessionSet struct {
 // add registers a new session. One that begins while the process is
 // shutting down (accepted just before the listeners closed) is draining
 // from the start: it is greeted, or after its handshake told, with the 421.
-func (set *sessionSet) add(h *Handler, conn net.Conn) *session {
+func (set *sessionSet) add(h *Handler, cx *layer4.Connection) *session {
+	s := newSession(h, cx)
 	set.mu.Lock()
 	defer set.mu.Unlock()
-	s := &session{h: h, conn: conn}
 	set.sessions[s] = struct{}{}
 	if set.draining {
 		s.draining = true

@@ -149,7 +149,7 @@ func TestShutdownBeforeTLS(t *testing.T) {
 		client, done := serveOne(t, func(cx *layer4.Connection) net.Conn {
 			sess = newTestSession(h, cx)
 			close(ready)
-			return h.plaintextDialogue(cx, sess, nil)
+			return h.plaintextDialogue(sess, nil)
 		})
 		r := bufio.NewReader(client)
 		readReplies(t, r, 1)
@@ -169,7 +169,7 @@ func TestShutdownBeforeTLS(t *testing.T) {
 		client, done := serveOne(t, func(cx *layer4.Connection) net.Conn {
 			sess := newTestSession(h, cx)
 			sess.drain()
-			return h.plaintextDialogue(cx, sess, nil)
+			return h.plaintextDialogue(sess, nil)
 		})
 		r := bufio.NewReader(client)
 		if got := readReplies(t, r, 1)[0]; got != shutdownReply {

@@ -79,12 +79,12 @@ type clientHelloKey struct{}
 
 // startTLS performs the server handshake over conn (cx behind the first
 // byte of the ClientHello, which the STARTTLS dialogue or the detection of
-// the client's mode read), within the handshake timeout; implicit says
-// which mode the client is in, for the log. It records the negotiated state the way caddy-l4's tls
+// the client's mode read), within the handshake timeout. It records the negotiated state the way caddy-l4's tls
 // handler does, so that later handlers and matchers can read it. It returns
 // nil when the handshake failed; the connection is then closed by the caller's
 // caller, and never used in plaintext.
-func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn, implicit bool) *tls.Conn {
+func (h *Handler) startTLS(sess *session, conn net.Conn) *tls.Conn {
+	cx := sess.cx
 	hello := new(l4tls.ClientHelloInfo)
 	ctx := context.WithValue(cx.Context, clientHelloKey{}, hello)
 	tlsConn := tls.Server(conn, h.tlsConfig)
@@ -98,9 +98,8 @@ func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn, implicit bool) 
 	err := <-handshakeDone
 	_ = cx.SetDeadline(time.Time{})
 	if err != nil {
-		h.logger.Debug("TLS handshake failed",
-			zap.String("remote", cx.RemoteAddr().String()),
-			zap.Bool("implicit_tls", implicit),
+		sess.log().Debug("TLS handshake failed",
+			zap.Bool("implicit_tls", sess.implicit),
 			zap.Error(err))
 		return nil
 	}
@@ -109,12 +108,12 @@ func (h *Handler) startTLS(cx *layer4.Connection, conn net.Conn, implicit bool) 
 	setTLSPlaceholders(cx.Replacer(), &state)
 	// checked first: naming the cipher suite allocates, on every handshake
 	if ce := h.logger.Check(zapcore.DebugLevel, "terminated TLS"); ce != nil {
-		ce.Write(zap.String("remote", cx.RemoteAddr().String()),
+		sess.log().Debug("terminated TLS",
 			zap.String("server_name", state.ServerName),
 			zap.String("tls_version", tls.VersionName(state.Version)),
 			zap.String("cipher_suite", tls.CipherSuiteName(state.CipherSuite)),
 			zap.Bool("resumed", state.DidResume),
-			zap.Bool("implicit_tls", implicit))
+			zap.Bool("implicit_tls", sess.implicit))
 	}
 	return tlsConn
 }
