@@ -79,6 +79,7 @@ func (s *dialogue) run(talked bool) net.Conn {
 			// a TLS client on a listener that does not detect one:
 			// it has taken the greeting for a broken TLS record
 			// already, and a plaintext reply would only add to that
+			s.sess.ended(outcomeUnexpectedTLS, "ClientHello instead of a command")
 			s.sess.log().Debug("TLS handshake instead of SMTP on a STARTTLS listener (detect_tls serves such clients); closing")
 			return nil
 		}
@@ -106,6 +107,7 @@ func (s *dialogue) run(talked bool) net.Conn {
 				reply = replyNoParams
 			}
 		case bytes.EqualFold(verb, []byte("QUIT")):
+			s.sess.ended(outcomeQuit, "")
 			s.reply(replyBye)
 			return nil
 		case bytes.EqualFold(verb, []byte("STARTTLS")):
@@ -126,6 +128,7 @@ func (s *dialogue) run(talked bool) net.Conn {
 		if reply[0] == '5' {
 			s.errors++
 			if s.errors >= h.maxErrors {
+				s.sess.ended(outcomeTooManyErrors, "")
 				s.sess.log().Warn("too many SMTP errors before TLS; closing",
 					zap.Int("errors", s.errors))
 				s.finalReply(h.replies.tooMany)
@@ -160,12 +163,14 @@ func (s *dialogue) greet(talked bool) bool {
 	case n > 0 && b[0] == tlsHandshakeRecord:
 		// a TLS client that started after the first greeting line:
 		// it has that line in its stream, and no reply can help it
+		s.sess.ended(outcomeUnexpectedTLS, "ClientHello after the first greeting line")
 		s.sess.log().Debug("TLS handshake after the first greeting line; closing")
 		return false
 	case n > 0:
 		return s.earlyTalker()
 	case !errors.Is(err, os.ErrDeadlineExceeded):
-		return false // the client went away
+		s.sess.ended(outcomeClientClosed, "before the greeting")
+		return false
 	}
 	return s.reply(h.greeting)
 }
@@ -173,6 +178,7 @@ func (s *dialogue) greet(talked bool) bool {
 // earlyTalker ends the session of a client that talked before the greeting
 // was complete.
 func (s *dialogue) earlyTalker() bool {
+	s.sess.ended(outcomeEarlyTalker, "")
 	s.sess.log().Warn("client talked before the greeting; closing")
 	s.finalReply(replyEarlyTalker)
 	return false
@@ -198,6 +204,11 @@ func (s *dialogue) startTLS() net.Conn {
 	_ = s.cx.SetDeadline(time.Now().Add(s.h.timeout.handshake))
 	var first [1]byte
 	if _, err := io.ReadFull(s.cx, first[:]); err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			s.sess.ended(outcomeTimeout, "handshake")
+		} else {
+			s.sess.ended(outcomeClientClosed, "after STARTTLS")
+		}
 		s.sess.log().Debug("no TLS handshake after STARTTLS",
 			zap.Error(err))
 		return nil
@@ -219,11 +230,13 @@ func (s *dialogue) expire() { _ = s.cx.Close() }
 
 // shutDown ends the dialogue for shutdown.
 func (s *dialogue) shutDown() {
+	s.sess.ended(outcomeShutdown, "")
 	s.sess.log().Debug("ending session for shutdown")
 	s.finalReply(s.h.replies.shuttingDown)
 }
 
 func (s *dialogue) injection(what string) {
+	s.sess.ended(outcomeInjection, what)
 	s.sess.log().Warn("STARTTLS command injection attempt; closing without TLS",
 		zap.String("detail", what))
 }
@@ -232,10 +245,12 @@ func (s *dialogue) injection(what string) {
 // anything else (the client went away) just ends.
 func (s *dialogue) readFailed(err error) {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
+		s.sess.ended(outcomeTimeout, "command")
 		s.sess.log().Debug("command timeout before TLS")
 		s.finalReply(s.h.replies.timeout)
 		return
 	}
+	s.sess.ended(outcomeClientClosed, "")
 	if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		s.sess.log().Debug("reading command before TLS",
 			zap.Error(err))
@@ -244,6 +259,7 @@ func (s *dialogue) readFailed(err error) {
 
 func (s *dialogue) reply(b []byte) bool {
 	if _, err := s.cx.Write(b); err != nil {
+		s.sess.ended(outcomeClientClosed, "")
 		s.sess.log().Debug("writing reply before TLS",
 			zap.Error(err))
 		return false

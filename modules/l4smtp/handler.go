@@ -389,6 +389,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	defer liveSessions.remove(sess)
 
 	if limit := h.limits.acquire(cx.RemoteAddr()); limit != limitNone {
+		sess.ended(outcomeConnectionLimit, string(limit))
 		sess.log().Warn("connection limit reached; turning the client away",
 			zap.String("limit", string(limit)))
 		_ = cx.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
@@ -399,6 +400,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 
 	implicit, first, alive := h.openingMode(cx)
 	if !alive {
+		sess.ended(outcomeClientClosed, "before the greeting")
 		return nil
 	}
 	sess.implicit = implicit

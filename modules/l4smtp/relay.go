@@ -27,6 +27,7 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 	if sess.enter(c) {
 		// shutting down since before TLS was up: no backend for this one
 		sess.log().Debug("ending session for shutdown")
+		sess.ended(outcomeShutdown, "")
 		c.finalReply(h.replies.shuttingDown)
 		_ = tlsConn.Close()
 		return nil
@@ -63,21 +64,22 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 
 	c.backendTimer.Stop()
 	c.idleTimer.Stop()
-	defer c.greetingSeen()
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if !c.filter.greetingDone() {
-		if !c.closed.Load() {
-			sess.log().Warn("mail server unavailable",
-				zap.Error(err))
-			c.finalReply(h.replies.backendUnavailable)
+		if c.end(outcomeBackendUnreachable, errorDetail(err), h.replies.backendUnavailable, false) {
+			sess.log().Warn("mail server unavailable", zap.Error(err))
 		}
 		// the client has its 421 and the log its warning; an unreachable
 		// backend is not a fault of the edge
-		err = nil
+		return nil
 	}
-	c.closed.Store(true)
-	_ = c.Conn.Close()
+	// the session ended on its own: the backend's CloseWrite has said how,
+	// unless the next handler gave up on the backend
+	if err != nil && !c.clientEOF.Load() {
+		c.end(outcomeBackendLost, errorDetail(err), nil, false)
+	}
+	c.end(outcomeClientClosed, "", nil, false)
 	return err
 }
 
@@ -86,6 +88,11 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 // transactionTracker watches them go by, for the shutdown. Writes (backend
 // to client) go through a replyFilter. It also keeps the session's clocks:
 // the backend greeting timeout and the idle timeout.
+//
+// The session is ended by the edge only through end. Lock order: wmu before
+// tmu. A holder of wmu may take tmu (Write, end); nothing that holds tmu
+// takes wmu. Timers that must not wait behind a write stuck on a client
+// that does not read (the idle timeout, the shutdown timeout) only try wmu.
 type relayConn struct {
 	net.Conn // the TLS connection to the client
 	h        *Handler
@@ -189,22 +196,9 @@ func (c *relayConn) drain() {
 // endIfIdle sends 421 and closes the session if no transaction is open and
 // nothing the client sent awaits a reply. The caller holds wmu.
 func (c *relayConn) endIfIdle() {
-	if c.closed.Load() {
-		return
+	if c.end(outcomeShutdown, "", c.h.replies.shuttingDown, true) {
+		c.sess.log().Debug("ending session for shutdown")
 	}
-	c.tmu.Lock()
-	idle := c.tracker.idle()
-	if idle {
-		c.closed.Store(true)
-	}
-	c.tmu.Unlock()
-	if !idle {
-		return
-	}
-	c.sess.log().Debug("ending session for shutdown")
-	c.finalReply(c.h.replies.shuttingDown)
-	c.greetingSeen()
-	_ = c.Conn.Close()
 }
 
 // expire ends the session when the shutdown timeout is over, in a
@@ -213,26 +207,19 @@ func (c *relayConn) endIfIdle() {
 // the backend has, may be delivered without the client learning of it, and
 // then again when the client retries.
 func (c *relayConn) expire() {
-	// a write that is stuck on a client which does not read holds the
-	// lock; then there is no way to send a reply, only to close
+	var reply []byte
 	if c.wmu.TryLock() {
-		c.tmu.Lock()
-		wasOpen := !c.closed.Swap(true)
-		awaitingEnd := c.tracker.awaitingEnd()
-		c.tmu.Unlock()
-		if wasOpen {
-			c.sess.log().Warn("shutdown timeout over; ending a session in a transaction",
-				zap.Duration("timeout", c.h.timeout.shutdown),
-				zap.Bool("awaiting_end_of_message_reply", awaitingEnd))
-			c.finalReply(c.h.replies.shuttingDown)
-		}
-		c.wmu.Unlock()
+		defer c.wmu.Unlock()
+		reply = c.h.replies.shuttingDown
 	}
 	c.tmu.Lock()
-	c.closed.Store(true)
+	awaitingEnd := c.tracker.awaitingEnd()
 	c.tmu.Unlock()
-	c.greetingSeen()
-	_ = c.Conn.Close()
+	if c.end(outcomeShutdown, "shutdown timeout", reply, false) {
+		c.sess.log().Warn("shutdown timeout over; ending a session in a transaction",
+			zap.Duration("timeout", c.h.timeout.shutdown),
+			zap.Bool("awaiting_end_of_message_reply", awaitingEnd))
+	}
 }
 
 // CloseWrite is called by the proxy when the backend has finished sending:
@@ -241,25 +228,26 @@ func (c *relayConn) expire() {
 func (c *relayConn) CloseWrite() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.closed.Load() {
-		return nil
-	}
 	code := c.filter.lastReply()
 	switch {
 	case !c.filter.greetingDone():
-		c.sess.log().Warn("mail server closed the connection before greeting")
-		c.finalReply(c.h.replies.backendUnavailable)
+		if c.end(outcomeBackendUnreachable, "closed before its greeting", c.h.replies.backendUnavailable, false) {
+			c.sess.log().Warn("mail server closed the connection before greeting")
+		}
 	case c.clientEOF.Load():
 		// the client left first; nobody to tell
-	case !c.filter.midReply() && (code == "221" || code == "421"):
+		c.end(outcomeClientClosed, "", nil, false)
+	case !c.filter.midReply() && code == "221":
+		c.end(outcomeQuit, "", nil, false)
+	case !c.filter.midReply() && code == "421":
 		// the backend said goodbye itself
+		c.end(outcomeBackendEnded, "421", nil, false)
 	default:
-		c.sess.log().Debug("mail server closed the connection during the session")
-		c.finalReply(c.h.replies.backendGone)
+		if c.end(outcomeBackendLost, "", c.h.replies.backendGone, false) {
+			c.sess.log().Debug("mail server closed the connection during the session")
+		}
 	}
-	c.closed.Store(true)
-	c.greetingSeen()
-	return c.Conn.Close()
+	return nil
 }
 
 // backendTimeout fires when the backend has not greeted within the backend
@@ -267,15 +255,13 @@ func (c *relayConn) CloseWrite() error {
 func (c *relayConn) backendTimeout() {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.filter.greetingDone() || c.closed.Load() {
+	if c.filter.greetingDone() {
 		return
 	}
-	c.sess.log().Warn("mail server did not greet in time",
-		zap.Duration("timeout", c.h.timeout.backend))
-	c.finalReply(c.h.replies.backendUnavailable)
-	c.closed.Store(true)
-	c.greetingSeen()
-	_ = c.Conn.Close()
+	if c.end(outcomeBackendUnreachable, "no greeting in time", c.h.replies.backendUnavailable, false) {
+		c.sess.log().Warn("mail server did not greet in time",
+			zap.Duration("timeout", c.h.timeout.backend))
+	}
 }
 
 // idleCheck fires when the session may have been silent for the idle
@@ -289,19 +275,43 @@ func (c *relayConn) idleCheck() {
 		c.idleTimer.Reset(c.h.timeout.idle - silent)
 		return
 	}
-	c.sess.log().Debug("idle timeout after TLS",
-		zap.Duration("timeout", c.h.timeout.idle))
-	// a write that is stuck on a client which does not read holds the
-	// lock; then there is no way to send a reply, only to close
+	var reply []byte
 	if c.wmu.TryLock() {
-		if !c.closed.Load() {
-			c.finalReply(c.h.replies.timeout)
-		}
-		c.closed.Store(true)
-		c.wmu.Unlock()
+		defer c.wmu.Unlock()
+		reply = c.h.replies.timeout
 	}
-	c.closed.Store(true)
-	_ = c.Conn.Close()
+	if c.end(outcomeTimeout, "idle", reply, false) {
+		c.sess.log().Debug("idle timeout after TLS",
+			zap.Duration("timeout", c.h.timeout.idle))
+	}
+}
+
+// end is how the edge ends a session after TLS. The first call records why
+// in the session, sends reply (a 421; nil for none, or when the caller does
+// not hold wmu) and closes the client connection; every call lets the
+// client's held bytes go, to their end. With ifIdle it ends the session only
+// between transactions, with nothing the client sent awaiting a reply: the
+// check and the mark are taken together under tmu, so that no client byte
+// that comes after them reaches the backend. It reports whether this call
+// ended the session. The caller holds wmu if reply is not nil.
+func (c *relayConn) end(why outcome, detail string, reply []byte, ifIdle bool) bool {
+	c.tmu.Lock()
+	first := !c.closed.Load() && (!ifIdle || c.tracker.idle())
+	if first {
+		c.closed.Store(true)
+	}
+	c.tmu.Unlock()
+	if first {
+		c.sess.ended(why, detail)
+		if reply != nil {
+			c.finalReply(reply)
+		}
+	}
+	if first || !ifIdle {
+		c.greetingSeen()
+		_ = c.Conn.Close()
+	}
+	return first
 }
 
 // finalReply writes a reply that precedes a close. The caller holds wmu.

@@ -1,6 +1,7 @@
 package l4smtp
 
 import (
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/hex"
 	"math/rand/v2"
@@ -30,6 +31,15 @@ type session struct {
 	loggerOnce sync.Once
 	logger     *zap.Logger // see log
 
+	// the TLS session, once the handshake is done (set by the session's
+	// goroutine)
+	tls *tls.ConnectionState
+
+	// how the session ended: the first to know says, through ended
+	endMu   sync.Mutex
+	outcome outcome
+	detail  string
+
 	// the shutdown's state (shutdown.go)
 	mu       sync.Mutex
 	phase    phase
@@ -57,4 +67,69 @@ func (s *session) log() *zap.Logger {
 			zap.String("remote_port", port))
 	})
 	return s.logger
+}
+
+// outcome is how a session ended: one of a fixed set, documented in the
+// README. The access line and the metrics report it.
+type outcome string
+
+const (
+	// the client said QUIT: to the edge before TLS, or to the backend,
+	// which answered 221
+	outcomeQuit outcome = "quit"
+	// the client closed the connection (or reset it) without QUIT
+	outcomeClientClosed outcome = "client_closed"
+	// a step timed out; the detail says which: command (before TLS),
+	// handshake, or idle (after TLS)
+	outcomeTimeout outcome = "timeout"
+	// the TLS handshake failed; the detail says why: not_tls (the client
+	// sent something else), client_alert (the client refused the
+	// handshake, e.g. the certificate), client_certificate (client_auth
+	// refused the client's certificate), or the TLS stack's error
+	outcomeHandshakeFailed outcome = "handshake_failed"
+	// the client offers only TLS versions the policy refuses (below 1.2)
+	outcomeTLSVersion outcome = "tls_version_refused"
+	// the edge has no certificate to serve (none obtained yet)
+	outcomeNoCertificate outcome = "no_certificate"
+	// a TLS ClientHello where the listener waited for SMTP: a client set
+	// up for implicit TLS on a STARTTLS listener without detect_tls, or
+	// one that started TLS after the greeting began
+	outcomeUnexpectedTLS outcome = "unexpected_tls"
+	// bytes after STARTTLS before the handshake (command injection)
+	outcomeInjection outcome = "injection_refused"
+	// max_errors protocol errors before TLS
+	outcomeTooManyErrors outcome = "too_many_errors"
+	// turned away by max_connections or max_connections_per_ip (the detail)
+	outcomeConnectionLimit outcome = "connection_limit"
+	// talked before the greeting was complete (early_talker reject)
+	outcomeEarlyTalker outcome = "early_talker"
+	// the backend could not be dialled, closed before its greeting, or did
+	// not greet within the backend timeout
+	outcomeBackendUnreachable outcome = "backend_unreachable"
+	// the backend went away in the middle of the session
+	outcomeBackendLost outcome = "backend_lost"
+	// the backend ended the session with 421
+	outcomeBackendEnded outcome = "backend_ended"
+	// ended with 421 4.3.2 because Caddy is shutting down
+	outcomeShutdown outcome = "shutdown"
+	// a fault of the edge (a panic): 421 4.3.0, logged at Error
+	outcomeInternalError outcome = "internal_error"
+)
+
+// ended records how the session ended; the first call wins, because later
+// ones see only the consequences of the first (a close, a failed read).
+func (s *session) ended(o outcome, detail string) {
+	s.endMu.Lock()
+	defer s.endMu.Unlock()
+	if s.outcome == "" {
+		s.outcome, s.detail = o, detail
+	}
+}
+
+// errorDetail is an error's text for the detail of an outcome.
+func errorDetail(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
 }

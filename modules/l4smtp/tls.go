@@ -3,8 +3,13 @@ package l4smtp
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
+	"io"
 	"net"
+	"os"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
@@ -49,6 +54,19 @@ func (h *Handler) provisionTLS() error {
 	if err := h.ConnectionPolicies.Provision(h.ctx); err != nil {
 		return fmt.Errorf("smtp: setting up connection policies: %w", err)
 	}
+	for _, cp := range h.ConnectionPolicies {
+		// a failed certificate lookup is the operator's to fix: the
+		// session learns of it through the handshake's context
+		if getCertificate := cp.TLSConfig.GetCertificate; getCertificate != nil {
+			cp.TLSConfig.GetCertificate = func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
+				cert, err := getCertificate(chi)
+				if info := handshakeInfoOf(chi); err != nil && info != nil {
+					info.certErr = err
+				}
+				return cert, err
+			}
+		}
+	}
 	h.setTLSConfig(h.ConnectionPolicies.TLSConfig(h.ctx))
 	return nil
 }
@@ -58,24 +76,46 @@ func (h *Handler) provisionTLS() error {
 // session ticket keys of its own, and no ticket would outlive its
 // connection (the keys themselves come from sessiontickets.go). What is
 // per connection, the ClientHello that later handlers and matchers may
-// read, is captured through the handshake's context.
+// read and what the session learns of a failed handshake, is captured
+// through the handshake's context (handshakeInfo).
 func (h *Handler) setTLSConfig(cfg *tls.Config) {
 	policyConfig := cfg.GetConfigForClient
 	cfg.GetConfigForClient = func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
-		if hello, ok := chi.Context().Value(clientHelloKey{}).(*l4tls.ClientHelloInfo); ok {
-			hello.ClientHelloInfo = *chi
+		info := handshakeInfoOf(chi)
+		if info != nil {
+			info.hello.ClientHelloInfo = *chi
+			info.helloSeen = true
+			info.minVersion = cfg.MinVersion
 		}
 		if policyConfig == nil {
 			return nil, nil
 		}
-		return policyConfig(chi)
+		policy, err := policyConfig(chi)
+		if info != nil && policy != nil {
+			info.minVersion = policy.MinVersion
+		}
+		return policy, err
 	}
 	h.tlsConfig = cfg
 }
 
-// clientHelloKey is the handshake context's key for the place where the
-// ClientHello of the handshake is captured.
-type clientHelloKey struct{}
+// handshakeInfo is what one handshake's callbacks learn: the ClientHello,
+// which later handlers and matchers may read, and what tells why a
+// handshake failed.
+type handshakeInfo struct {
+	hello      l4tls.ClientHelloInfo
+	helloSeen  bool   // a ClientHello was read
+	minVersion uint16 // the lowest TLS version of the policy chosen for it
+	certErr    error  // the certificate lookup failed
+}
+
+// handshakeInfoKey is the handshake context's key for its handshakeInfo.
+type handshakeInfoKey struct{}
+
+func handshakeInfoOf(chi *tls.ClientHelloInfo) *handshakeInfo {
+	info, _ := chi.Context().Value(handshakeInfoKey{}).(*handshakeInfo)
+	return info
+}
 
 // startTLS performs the server handshake over conn (cx behind the first
 // byte of the ClientHello, which the STARTTLS dialogue or the detection of
@@ -85,8 +125,8 @@ type clientHelloKey struct{}
 // caller, and never used in plaintext.
 func (h *Handler) startTLS(sess *session, conn net.Conn) *tls.Conn {
 	cx := sess.cx
-	hello := new(l4tls.ClientHelloInfo)
-	ctx := context.WithValue(cx.Context, clientHelloKey{}, hello)
+	info := new(handshakeInfo)
+	ctx := context.WithValue(cx.Context, handshakeInfoKey{}, info)
 	tlsConn := tls.Server(conn, h.tlsConfig)
 	_ = cx.SetDeadline(time.Now().Add(h.timeout.handshake))
 	// on a goroutine of its own: the handshake needs a deep stack, and a
@@ -98,13 +138,20 @@ func (h *Handler) startTLS(sess *session, conn net.Conn) *tls.Conn {
 	err := <-handshakeDone
 	_ = cx.SetDeadline(time.Time{})
 	if err != nil {
-		sess.log().Debug("TLS handshake failed",
-			zap.Bool("implicit_tls", sess.implicit),
-			zap.Error(err))
+		why, detail := handshakeOutcome(err, info)
+		sess.ended(why, detail)
+		if why == outcomeNoCertificate {
+			sess.log().Warn("no certificate to serve", zap.Error(info.certErr))
+		} else {
+			sess.log().Debug("TLS handshake failed",
+				zap.Bool("implicit_tls", sess.implicit),
+				zap.Error(err))
+		}
 		return nil
 	}
 	state := tlsConn.ConnectionState()
-	recordTLS(cx, hello, &state)
+	sess.tls = &state
+	recordTLS(cx, &info.hello, &state)
 	setTLSPlaceholders(cx.Replacer(), &state)
 	// checked first: naming the cipher suite allocates, on every handshake
 	if ce := h.logger.Check(zapcore.DebugLevel, "terminated TLS"); ce != nil {
@@ -116,6 +163,51 @@ func (h *Handler) startTLS(sess *session, conn net.Conn) *tls.Conn {
 			zap.Bool("implicit_tls", sess.implicit))
 	}
 	return tlsConn
+}
+
+// handshakeOutcome says why a handshake failed, from what its callbacks
+// learnt and the error: the error's text alone is not the reason, since it
+// is written for people.
+func handshakeOutcome(err error, info *handshakeInfo) (outcome, string) {
+	var alert *net.OpError
+	var verification *tls.CertificateVerificationError
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return outcomeTimeout, "handshake"
+	case info.certErr != nil:
+		return outcomeNoCertificate, info.certErr.Error()
+	case errors.Is(err, io.EOF), errors.Is(err, syscall.ECONNRESET), errors.Is(err, net.ErrClosed):
+		return outcomeClientClosed, "during the TLS handshake"
+	case !info.helloSeen:
+		return outcomeHandshakeFailed, "not_tls"
+	case !offersVersion(info.hello.SupportedVersions, info.minVersion):
+		return outcomeTLSVersion, fmt.Sprintf("offered %s", versionNames(info.hello.SupportedVersions))
+	case errors.As(err, &alert) && alert.Op == "remote error":
+		// Go reports the client's alerts so, with the alert's name
+		return outcomeHandshakeFailed, "client_alert: " + alert.Err.Error()
+	case errors.As(err, &verification):
+		return outcomeHandshakeFailed, "client_certificate: " + verification.Err.Error()
+	}
+	return outcomeHandshakeFailed, err.Error()
+}
+
+// offersVersion reports whether a client that offers versions can speak
+// min or newer.
+func offersVersion(versions []uint16, min uint16) bool {
+	for _, v := range versions {
+		if v >= min {
+			return true
+		}
+	}
+	return false
+}
+
+func versionNames(versions []uint16) string {
+	names := make([]string, len(versions))
+	for i, v := range versions {
+		names[i] = tls.VersionName(v)
+	}
+	return strings.Join(names, ", ")
 }
 
 // recordTLS stores the handshake's ClientHello and connection state in the
