@@ -2,6 +2,7 @@ package l4smtp
 
 import (
 	"bytes"
+	"encoding/base64"
 	"strconv"
 )
 
@@ -22,7 +23,15 @@ const (
 	kindBDAT                 // BDAT without LAST, with its chunk
 	kindBDATLast             // BDAT LAST, with its chunk: its reply ends the transaction
 	kindReset                // RSET, EHLO, HELO: a 2xx ends any transaction
+	kindRcpt                 // RCPT: a 2xx accepts a recipient
+	kindAuth                 // AUTH: 235 authenticates, 334 asks for a SASL line
+	kindSASL                 // a SASL line that answers a 334 (never a command)
 )
+
+// maxAuthLine bounds how much of an AUTH command or SASL line is kept to
+// find the user name in (a PLAIN or XOAUTH2 initial response): RFC 5321's
+// command line limit. The user name of a longer one is not reported.
+const maxAuthLine = 512
 
 // bodyState is where the scan of message content after DATA stands in the
 // search for the line "." (RFC 5321 4.1.1.4: CRLF "." CRLF).
@@ -59,7 +68,39 @@ type transactionTracker struct {
 
 	inTransaction bool // a MAIL command was accepted and its transaction has not ended
 	lost          bool // the counts disagreed; the state is unknown
+
+	// the AUTH exchange in progress: the next line answers a 334
+	sasl     bool
+	saslMech saslMechanism
+	saslStep int    // the SASL lines of the exchange so far
+	authLine []byte // an AUTH command or SASL line longer than line, kept up to maxAuthLine
+	authUser string // the user name the exchange gave, once known
+
+	facts sessionFacts
 }
+
+// sessionFacts are what the access log and the metrics report of the
+// session after TLS, as the replies confirmed them. No secret is kept: of an
+// AUTH exchange only the user name.
+type sessionFacts struct {
+	ehlo         string // the name of the last accepted EHLO or HELO
+	authAttempts int
+	authFailures int
+	user         string // the user name of the successful AUTH, when the mechanism names one
+	messages     int    // messages accepted (250 to the end of DATA or to BDAT LAST)
+	recipients   int    // recipients accepted (2xx to RCPT)
+	ehloPending  string // the name of an EHLO or HELO awaiting its reply
+}
+
+// saslMechanism is an AUTH mechanism whose user name the tracker can read.
+type saslMechanism uint8
+
+const (
+	mechOther   saslMechanism = iota
+	mechPlain                 // authzid NUL authcid NUL password (RFC 4616)
+	mechLogin                 // the user name, then the password, each its own line
+	mechXOAUTH2               // "user=" name ^A "auth=Bearer " token ^A ^A
+)
 
 // idle reports whether the session is between transactions: nothing the
 // client sent awaits a reply, no message content is on its way, and no
@@ -114,20 +155,53 @@ func (t *transactionTracker) client(p []byte) {
 	}
 }
 
-// appendLine keeps the start of the command line.
+// appendLine keeps the start of the command line, and the whole of an
+// AUTH command or SASL line up to maxAuthLine.
 func (t *transactionTracker) appendLine(p []byte) {
 	if t.lineLen < len(t.line) {
-		copy(t.line[t.lineLen:], p)
+		n := copy(t.line[t.lineLen:], p)
+		t.lineLen += n
+		p = p[n:]
+		if len(p) == 0 {
+			return
+		}
+		if !t.sasl && !bytes.EqualFold(t.line[:5], []byte("AUTH ")) {
+			t.lineLen += len(p)
+			return
+		}
+		t.authLine = append(t.authLine[:0], t.line[:]...)
+	}
+	if t.authLine != nil && len(t.authLine) == t.lineLen {
+		t.authLine = append(t.authLine, p[:min(len(p), maxAuthLine-len(t.authLine))]...)
 	}
 	t.lineLen += len(p)
 }
 
+// wholeLine is the command line just completed, as much of it as was kept.
+func (t *transactionTracker) wholeLine() (line []byte, whole bool) {
+	if t.lineLen <= len(t.line) {
+		return t.line[:t.lineLen], true
+	}
+	if t.authLine != nil && len(t.authLine) == t.lineLen {
+		return t.authLine, true
+	}
+	return t.line[:], false
+}
+
 // command classifies the command line just completed.
 func (t *transactionTracker) command() {
-	line := t.line[:min(t.lineLen, len(t.line))]
-	whole := t.lineLen <= len(t.line)
+	line, whole := t.wholeLine()
 	t.lineLen = 0
+	defer clear(t.authLine) // it may hold a password
+	t.authLine = t.authLine[:0]
 	line = bytes.TrimRight(line, "\r")
+	if t.sasl {
+		t.sasl = false
+		t.saslLine(line, whole)
+		clear(t.line[:]) // it may hold a password
+		t.push(kindSASL)
+		return
+	}
 	verb, args, _ := bytes.Cut(line, []byte(" "))
 	switch {
 	case bytes.EqualFold(verb, []byte("MAIL")):
@@ -148,8 +222,19 @@ func (t *transactionTracker) command() {
 		if size == 0 {
 			t.push(t.chunkKind)
 		}
-	case bytes.EqualFold(verb, []byte("RSET")), bytes.EqualFold(verb, []byte("EHLO")), bytes.EqualFold(verb, []byte("HELO")):
+	case bytes.EqualFold(verb, []byte("EHLO")), bytes.EqualFold(verb, []byte("HELO")):
+		if whole {
+			t.facts.ehloPending = string(bytes.TrimSpace(args))
+		}
 		t.push(kindReset)
+	case bytes.EqualFold(verb, []byte("RSET")):
+		t.push(kindReset)
+	case bytes.EqualFold(verb, []byte("RCPT")):
+		t.push(kindRcpt)
+	case bytes.EqualFold(verb, []byte("AUTH")):
+		t.startAuth(args, whole)
+		clear(t.line[:]) // an initial response may hold a password
+		t.push(kindAuth)
 	default:
 		t.push(kindOther)
 	}
@@ -260,7 +345,80 @@ func (t *transactionTracker) reply(code [3]byte) {
 	case kindReset:
 		if positive {
 			t.inTransaction = false
+			if t.facts.ehloPending != "" {
+				t.facts.ehlo = t.facts.ehloPending
+			}
 		}
+		t.facts.ehloPending = ""
+	case kindRcpt:
+		if positive {
+			t.facts.recipients++
+		}
+	case kindAuth, kindSASL:
+		switch {
+		case code == [3]byte{'3', '3', '4'}:
+			t.sasl = true
+		case code == [3]byte{'2', '3', '5'}:
+			t.facts.user = t.authUser
+		default:
+			t.facts.authFailures++
+		}
+	}
+	if positive && (k == kindDataEnd || k == kindBDATLast) {
+		t.facts.messages++
+	}
+}
+
+// startAuth begins an AUTH exchange: "AUTH <mechanism> [initial response]".
+func (t *transactionTracker) startAuth(args []byte, whole bool) {
+	t.facts.authAttempts++
+	mech, response, hasResponse := bytes.Cut(bytes.TrimSpace(args), []byte(" "))
+	switch {
+	case bytes.EqualFold(mech, []byte("PLAIN")):
+		t.saslMech = mechPlain
+	case bytes.EqualFold(mech, []byte("LOGIN")):
+		t.saslMech = mechLogin
+	case bytes.EqualFold(mech, []byte("XOAUTH2")):
+		t.saslMech = mechXOAUTH2
+	default:
+		t.saslMech = mechOther
+	}
+	t.saslStep, t.authUser = 0, ""
+	if hasResponse {
+		t.saslLine(response, whole)
+	}
+}
+
+// saslLine reads the user name from a SASL response of the exchange (an
+// initial response, or a line that answers a 334), and nothing else.
+func (t *transactionTracker) saslLine(line []byte, whole bool) {
+	step := t.saslStep
+	t.saslStep++
+	if !whole || t.saslMech == mechOther || (t.saslMech == mechLogin && step > 0) {
+		return // only LOGIN's first line is its user name; the next is the password
+	}
+	decoded := make([]byte, base64.StdEncoding.DecodedLen(len(line)))
+	n, err := base64.StdEncoding.Decode(decoded, bytes.TrimSpace(line))
+	defer clear(decoded)
+	if err != nil {
+		return
+	}
+	decoded = decoded[:n]
+	var user []byte
+	switch t.saslMech {
+	case mechPlain:
+		parts := bytes.SplitN(decoded, []byte{0}, 3)
+		if len(parts) == 3 {
+			user = parts[1]
+		}
+	case mechLogin:
+		user = decoded
+	case mechXOAUTH2:
+		field, _, _ := bytes.Cut(decoded, []byte{1})
+		user, _ = bytes.CutPrefix(field, []byte("user="))
+	}
+	if len(user) > 0 && len(user) <= 256 {
+		t.authUser = string(user)
 	}
 }
 

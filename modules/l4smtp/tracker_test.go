@@ -1,6 +1,8 @@
 package l4smtp
 
 import (
+	"bytes"
+	"encoding/base64"
 	"fmt"
 	"strings"
 	"testing"
@@ -149,6 +151,7 @@ func TestTransactionTrackerGivesUpOnTooManyCommands(t *testing.T) {
 func FuzzTransactionTracker(f *testing.F) {
 	f.Add([]byte("MAIL FROM:<a@x>\r\nDATA\r\nBDAT 3 LAST\r\nabcNOOP\r\n"), []byte{3, 1, 7, 2, 40}, false)
 	f.Add([]byte("x\r\n.\r\r\n..\r\n.\r\nNOOP\n"), []byte{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, true)
+	f.Add([]byte("EHLO c.example\r\nAUTH PLAIN "+b64("\x00"+strings.Repeat("u", 40)+"\x00pw")+"\r\nRCPT TO:<b@x>\r\n"), []byte{5, 30, 2, 9}, false)
 	f.Fuzz(func(t *testing.T, client, cuts []byte, content bool) {
 		whole := &transactionTracker{inBody: content}
 		pieces := &transactionTracker{inBody: content}
@@ -167,6 +170,74 @@ func FuzzTransactionTracker(f *testing.F) {
 }
 
 func summary(tr *transactionTracker) string {
-	return fmt.Sprintf("pending %v body %v/%d chunk %d/%d line %d txn %v lost %v",
-		tr.pending[tr.head:], tr.inBody, tr.body, tr.chunkLeft, tr.chunkKind, tr.lineLen, tr.inTransaction, tr.lost)
+	return fmt.Sprintf("pending %v body %v/%d chunk %d/%d line %d txn %v lost %v facts %+v sasl %v/%d/%d user %q",
+		tr.pending[tr.head:], tr.inBody, tr.body, tr.chunkLeft, tr.chunkKind, tr.lineLen, tr.inTransaction, tr.lost,
+		tr.facts, tr.sasl, tr.saslMech, tr.saslStep, tr.authUser)
+}
+
+func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+// TestTrackerFacts: what the access log reports of a session after TLS, as
+// the backend's replies confirmed it, with no secret kept.
+func TestTrackerFacts(t *testing.T) {
+	longUser := strings.Repeat("u", 100) + "@example.com"
+	tests := []struct {
+		name   string
+		events []string // "C:" client bytes, "S:" reply code
+		want   sessionFacts
+	}{
+		{"EHLO", []string{"C:EHLO client.example\r\n", "S:250"}, sessionFacts{ehlo: "client.example"}},
+		{"refused EHLO, then HELO", []string{"C:EHLO\r\n", "S:501", "C:HELO other.example\r\n", "S:250"}, sessionFacts{ehlo: "other.example"}},
+		{"AUTH PLAIN with an initial response", []string{"C:AUTH PLAIN " + b64("\x00alice\x00secret") + "\r\n", "S:235"},
+			sessionFacts{authAttempts: 1, user: "alice"}},
+		{"AUTH PLAIN, wrong password", []string{"C:AUTH PLAIN " + b64("\x00alice\x00wrong") + "\r\n", "S:535"},
+			sessionFacts{authAttempts: 1, authFailures: 1}},
+		{"AUTH PLAIN after 334, a long user name split", []string{"C:auth plain\r\n", "S:334",
+			"C:" + b64("\x00"+longUser+"\x00secret")[:20], "C:" + b64("\x00"+longUser+"\x00secret")[20:] + "\r\n", "S:235"},
+			sessionFacts{authAttempts: 1, user: longUser}},
+		{"AUTH LOGIN", []string{"C:AUTH LOGIN\r\n", "S:334", "C:" + b64("alice") + "\r\n", "S:334", "C:" + b64("secret") + "\r\n", "S:235"},
+			sessionFacts{authAttempts: 1, user: "alice"}},
+		{"AUTH LOGIN with an initial response", []string{"C:AUTH LOGIN " + b64("alice") + "\r\n", "S:334", "C:" + b64("secret") + "\r\n", "S:235"},
+			sessionFacts{authAttempts: 1, user: "alice"}},
+		{"AUTH XOAUTH2", []string{"C:AUTH XOAUTH2 " + b64("user=bob@example.com\x01auth=Bearer token\x01\x01") + "\r\n", "S:235"},
+			sessionFacts{authAttempts: 1, user: "bob@example.com"}},
+		{"AUTH CRAM-MD5: no user name read", []string{"C:AUTH CRAM-MD5\r\n", "S:334", "C:" + b64("alice 0123456789abcdef") + "\r\n", "S:235"},
+			sessionFacts{authAttempts: 1}},
+		{"a SASL line that reads like a command is not one", []string{"C:AUTH LOGIN\r\n", "S:334", "C:EHLO\r\n", "S:334", "C:RSET\r\n", "S:535"},
+			sessionFacts{authAttempts: 1, authFailures: 1}},
+		{"three guesses", []string{
+			"C:AUTH PLAIN " + b64("\x00a\x00x") + "\r\n", "S:535",
+			"C:AUTH PLAIN " + b64("\x00a\x00y") + "\r\n", "S:535",
+			"C:AUTH PLAIN " + b64("\x00a\x00z") + "\r\n", "S:535"},
+			sessionFacts{authAttempts: 3, authFailures: 3}},
+		{"messages and recipients", []string{
+			"C:MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\nRCPT TO:<d@x>\r\nDATA\r\n", "S:250", "S:250", "S:550", "S:250", "S:354",
+			"C:body\r\n.\r\n", "S:250",
+			"C:MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nBDAT 4 LAST\r\nbody", "S:250", "S:250", "S:250",
+			"C:MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n", "S:250", "S:250", "S:354", "C:spam\r\n.\r\n", "S:554"},
+			sessionFacts{messages: 2, recipients: 4}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var tr transactionTracker
+			for _, e := range tt.events {
+				what, arg, _ := strings.Cut(e, ":")
+				if what == "C" {
+					tr.client([]byte(arg))
+				} else {
+					tr.reply([3]byte{arg[0], arg[1], arg[2]})
+				}
+			}
+			if tr.facts != tt.want {
+				t.Errorf("facts %+v, want %+v", tr.facts, tt.want)
+			}
+			// the password, in any form the exchange carried it
+			for _, secret := range []string{"secret", b64("secret"), b64("\x00alice\x00secret")[:16]} {
+				if bytes.Contains(tr.line[:], []byte(secret)) || bytes.Contains(tr.authLine[:cap(tr.authLine)], []byte(secret)) ||
+					strings.Contains(fmt.Sprintf("%+v", tr), secret) {
+					t.Errorf("the tracker kept the password (%q)", secret)
+				}
+			}
+		})
+	}
 }
