@@ -1,12 +1,15 @@
 package l4smtp
 
 import (
+	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/caddyserver/certmagic"
+	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 )
 
@@ -29,11 +32,12 @@ func init() {
 // The app also gives the handlers their TLS session ticket keys, when the
 // TLS app does not (see sessiontickets.go).
 type App struct {
-	names   map[string]struct{}
-	tlsApp  *caddytls.TLS
-	tickets *ticketKeys // nil when the TLS app's session_tickets are configured
-	ctx     caddy.Context
-	logger  *zap.Logger
+	names    map[string]struct{}
+	handlers []servedHandler // what the layer4 config's smtp handlers serve
+	tlsApp   *caddytls.TLS
+	tickets  *ticketKeys // nil when the TLS app's session_tickets are configured
+	ctx      caddy.Context
+	logger   *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -54,6 +58,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("smtp: getting tls app: %w", err)
 	}
 	a.tlsApp = tlsApp.(*caddytls.TLS)
+	a.handlers = servedHandlers(ctx)
 	if a.tlsApp.SessionTickets == nil {
 		if a.tickets, err = startTicketKeys(ctx); err != nil {
 			return fmt.Errorf("smtp: %w", err)
@@ -130,9 +135,13 @@ func (a *App) needsInternalIssuer(name string) bool {
 	return certmagic.SubjectIsIP(name) && len(policies) == 0
 }
 
-// Start asks the TLS app to manage the registered names. It runs only when
-// the config is started, so `caddy validate` and `caddy adapt` obtain nothing.
+// Start says what each smtp handler serves, and asks the TLS app to manage
+// the registered names. It runs only when the config is started, so `caddy
+// validate` and `caddy adapt` obtain nothing.
 func (a *App) Start() error {
+	for _, s := range a.handlers {
+		a.logger.Info("serving SMTP", s.fields()...)
+	}
 	names := make(map[string]struct{}, len(a.names))
 	for name := range a.names {
 		// a certificate loaded from files or storage by the user is
@@ -165,3 +174,84 @@ var (
 	_ caddy.Provisioner  = (*App)(nil)
 	_ caddy.CleanerUpper = (*App)(nil)
 )
+
+// servedHandler is what one smtp handler of the config serves, for the line
+// that says so when the config starts.
+type servedHandler struct {
+	server  string   // the layer4 server's name
+	listen  []string // its addresses
+	handler Handler  // the handler's config, as written
+}
+
+// servedHandlers finds the smtp handlers in the layer4 app's config, also
+// inside subroutes. The app is provisioned by the first smtp handler, in
+// the middle of the layer4 app's provisioning, when the raw config of every
+// handler still to come, the first one's included, is at hand (Caddy drops
+// a module's raw JSON once it has loaded it), and the servers that came
+// before have none.
+func servedHandlers(ctx caddy.Context) []servedHandler {
+	var app *layer4.App
+	for _, m := range ctx.Modules() {
+		if l4, ok := m.(*layer4.App); ok {
+			app = l4
+		}
+	}
+	if app == nil {
+		return nil
+	}
+	var served []servedHandler
+	for _, name := range slices.Sorted(maps.Keys(app.Servers)) {
+		srv := app.Servers[name]
+		for _, route := range srv.Routes {
+			eachSMTPHandler(route.HandlersRaw, func(h Handler) {
+				served = append(served, servedHandler{server: name, listen: srv.Listen, handler: h})
+			})
+		}
+	}
+	return served
+}
+
+// eachSMTPHandler calls f with each smtp handler in raws, in order, and in
+// the routes of subroute handlers.
+func eachSMTPHandler(raws []json.RawMessage, f func(Handler)) {
+	for _, raw := range raws {
+		var head struct {
+			Handler string `json:"handler"`
+			Routes  []struct {
+				Handle []json.RawMessage `json:"handle"`
+			} `json:"routes"`
+		}
+		if json.Unmarshal(raw, &head) != nil {
+			continue
+		}
+		switch head.Handler {
+		case "smtp":
+			var h Handler
+			if json.Unmarshal(raw, &h) == nil {
+				f(h)
+			}
+		case "subroute":
+			for _, route := range head.Routes {
+				eachSMTPHandler(route.Handle, f)
+			}
+		}
+	}
+}
+
+func (s servedHandler) fields() []zap.Field {
+	mode := "starttls"
+	if s.handler.ImplicitTLS {
+		mode = "implicit"
+	}
+	backends := s.handler.Backends
+	if len(backends) == 0 {
+		backends = []string{"the next handler"}
+	}
+	return []zap.Field{
+		zap.String("server", s.server),
+		zap.Strings("listen", s.listen),
+		zap.String("mode", mode),
+		zap.Strings("hostnames", s.handler.Hostnames),
+		zap.Strings("backends", backends),
+	}
+}

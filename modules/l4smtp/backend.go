@@ -91,8 +91,10 @@ func (h *Handler) dialBackend(sess *session, start time.Time) (net.Conn, error) 
 		share := time.Until(deadline) / time.Duration(left)
 		up, err := h.dialOne(&dialer, cx, addr, time.Now().Add(share))
 		if err == nil {
+			sess.backend = addr.address
 			return up, nil
 		}
+		metrics.backendFailures.WithLabelValues(addr.address).Inc()
 		errs = append(errs, err)
 		if left > 1 && time.Now().Before(deadline) {
 			sess.log().Warn("mail server unreachable; trying the next backend",
@@ -108,7 +110,9 @@ func (h *Handler) dialBackend(sess *session, start time.Time) (net.Conn, error) 
 func (h *Handler) dialOne(dialer *net.Dialer, cx *layer4.Connection, addr backendAddr, deadline time.Time) (net.Conn, error) {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
+	start := time.Now()
 	up, err := dialer.DialContext(ctx, addr.network, addr.address)
+	metrics.backendDial.WithLabelValues(addr.address).Observe(time.Since(start).Seconds())
 	if err != nil {
 		return nil, err
 	}

@@ -129,7 +129,7 @@ func (s *dialogue) run(talked bool) net.Conn {
 			s.errors++
 			if s.errors >= h.maxErrors {
 				s.sess.ended(outcomeTooManyErrors, "")
-				s.sess.log().Warn("too many SMTP errors before TLS; closing",
+				s.sess.log().Debug("too many SMTP errors before TLS; closing",
 					zap.Int("errors", s.errors))
 				s.finalReply(h.replies.tooMany)
 				return nil
@@ -179,7 +179,7 @@ func (s *dialogue) greet(talked bool) bool {
 // was complete.
 func (s *dialogue) earlyTalker() bool {
 	s.sess.ended(outcomeEarlyTalker, "")
-	s.sess.log().Warn("client talked before the greeting; closing")
+	s.sess.log().Debug("client talked before the greeting; closing")
 	s.finalReply(replyEarlyTalker)
 	return false
 }
@@ -237,7 +237,7 @@ func (s *dialogue) shutDown() {
 
 func (s *dialogue) injection(what string) {
 	s.sess.ended(outcomeInjection, what)
-	s.sess.log().Warn("STARTTLS command injection attempt; closing without TLS",
+	s.sess.log().Debug("STARTTLS command injection attempt; closing without TLS",
 		zap.String("detail", what))
 }
 

@@ -197,9 +197,10 @@ type Handler struct {
 	backends      []backendAddr
 	proxyProtocol int
 
-	app    *App
-	ctx    caddy.Context
-	logger *zap.Logger
+	app          *App
+	ctx          caddy.Context
+	logger       *zap.Logger
+	accessLogger *zap.Logger // one line per session: access.go
 }
 
 // Timeouts are the timeouts of an SMTP session at the edge.
@@ -264,6 +265,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.logger = ctx.Logger()
+	h.accessLogger = h.logger.Named("access")
 	names, err := h.setup()
 	if err != nil {
 		return err
@@ -273,6 +275,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.app, err = smtpApp(ctx); err != nil {
 		return err
+	}
+	if err := metrics.register(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("smtp: registering metrics: %w", err)
 	}
 	if err := h.app.register(names); err != nil {
 		return err
@@ -387,10 +392,12 @@ func (h *Handler) setup() ([]string, error) {
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	sess := liveSessions.add(h, cx)
 	defer liveSessions.remove(sess)
+	metrics.activeSessions.WithLabelValues(sess.listener).Inc()
+	defer h.endSession(sess)
 
 	if limit := h.limits.acquire(cx.RemoteAddr()); limit != limitNone {
 		sess.ended(outcomeConnectionLimit, string(limit))
-		sess.log().Warn("connection limit reached; turning the client away",
+		sess.log().Debug("connection limit reached; turning the client away",
 			zap.String("limit", string(limit)))
 		_ = cx.SetWriteDeadline(time.Now().Add(finalReplyTimeout))
 		_, _ = cx.Write(h.replies.tooManyConns)

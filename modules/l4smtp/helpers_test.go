@@ -63,6 +63,7 @@ func newTestHandler(t testing.TB, configure func(*Handler)) (*Handler, *observer
 	h.setTLSConfig(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 	core, logs := observer.New(zap.DebugLevel)
 	h.logger = zap.New(core)
+	h.accessLogger = h.logger.Named("access")
 	return h, logs
 }
 

@@ -66,6 +66,7 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 	c.idleTimer.Stop()
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	defer c.report()
 	if !c.filter.greetingDone() {
 		if c.end(outcomeBackendUnreachable, errorDetail(err), h.replies.backendUnavailable, false) {
 			sess.log().Warn("mail server unavailable", zap.Error(err))
@@ -114,7 +115,9 @@ type relayConn struct {
 	greeting     chan struct{}
 	greetingOnce sync.Once
 
-	closed       atomic.Bool // the edge has ended the session; later writes are dropped
+	bytesRead    atomic.Int64 // from the client
+	bytesWritten int64        // to the client; guarded by wmu
+	closed       atomic.Bool  // the edge has ended the session; later writes are dropped
 	clientEOF    atomic.Bool
 	lastActive   atomic.Int64 // unix nanoseconds of the last byte either way
 	backendTimer *time.Timer
@@ -131,6 +134,7 @@ func (c *relayConn) Read(p []byte) (int, error) {
 	<-c.greeting
 	n, err := c.Conn.Read(p)
 	if n > 0 {
+		c.bytesRead.Add(int64(n))
 		c.touch()
 		c.tmu.Lock()
 		if c.closed.Load() {
@@ -166,6 +170,7 @@ func (c *relayConn) Write(p []byte) (int, error) {
 		defer c.greetingSeen() // after the greeting's answer is written
 	}
 	if len(c.out) > 0 {
+		c.bytesWritten += int64(len(c.out))
 		if _, err := c.Conn.Write(c.out); err != nil {
 			if c.closed.Load() {
 				return len(p), nil
@@ -284,6 +289,16 @@ func (c *relayConn) idleCheck() {
 		c.sess.log().Debug("idle timeout after TLS",
 			zap.Duration("timeout", c.h.timeout.idle))
 	}
+}
+
+// report puts what the relay learnt into the session's record. The caller
+// holds wmu.
+func (c *relayConn) report() {
+	c.tmu.Lock()
+	defer c.tmu.Unlock()
+	c.sess.facts = c.tracker.facts
+	c.sess.bytesRead = c.bytesRead.Load()
+	c.sess.bytesWritten = c.bytesWritten
 }
 
 // end is how the edge ends a session after TLS. The first call records why

@@ -14,6 +14,7 @@ type replies struct {
 	backendGone        []byte
 	tooManyConns       []byte
 	shuttingDown       []byte
+	internalError      []byte
 }
 
 func newReplies(host string) replies {
@@ -27,6 +28,7 @@ func newReplies(host string) replies {
 		backendGone:        []byte("421 4.4.2 " + host + " Connection to the mail server lost, closing transmission channel\r\n"),
 		tooManyConns:       []byte("421 4.7.0 " + host + " Too many connections, try again later\r\n"),
 		shuttingDown:       []byte("421 4.3.2 " + host + " Service shutting down, closing transmission channel\r\n"),
+		internalError:      []byte("421 4.3.0 " + host + " Internal error, closing transmission channel\r\n"),
 	}
 }
 

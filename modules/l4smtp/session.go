@@ -18,10 +18,11 @@ import (
 // the relay, the shutdown) reports through it, and logs through its logger,
 // which carries the session's id and the client's address.
 type session struct {
-	h     *Handler
-	cx    *layer4.Connection // the client connection; closed when the shutdown timeout is over and no phase ends it
-	id    string             // 16 hex digits, random
-	start time.Time
+	h        *Handler
+	cx       *layer4.Connection // the client connection; closed when the shutdown timeout is over and no phase ends it
+	id       string             // 16 hex digits, random
+	start    time.Time
+	listener string // the address the client connected to
 
 	// implicit says the client speaks implicit TLS: on an implicit TLS
 	// listener, or detected (tlsmode.go). Set before TLS, by the session's
@@ -31,9 +32,13 @@ type session struct {
 	loggerOnce sync.Once
 	logger     *zap.Logger // see log
 
-	// the TLS session, once the handshake is done (set by the session's
-	// goroutine)
-	tls *tls.ConnectionState
+	// set by the session's goroutine as the session goes
+	tls          *tls.ConnectionState // once the handshake is done
+	tlsConn      *tls.Conn            // the same
+	backend      string               // the mail server dialled, with the backend option
+	facts        sessionFacts         // what the relay's tracker learnt
+	bytesRead    int64                // relayed after TLS from the client
+	bytesWritten int64                // relayed after TLS to the client
 
 	// how the session ended: the first to know says, through ended
 	endMu   sync.Mutex
@@ -50,7 +55,20 @@ type session struct {
 func newSession(h *Handler, cx *layer4.Connection) *session {
 	var id [8]byte
 	binary.BigEndian.PutUint64(id[:], rand.Uint64())
-	return &session{h: h, cx: cx, id: hex.EncodeToString(id[:]), start: time.Now()}
+	s := &session{h: h, cx: cx, id: hex.EncodeToString(id[:]), start: time.Now()}
+	if cx != nil {
+		s.listener = cx.LocalAddr().String()
+	}
+	return s
+}
+
+// clientConn is where the session's replies to the client go: inside TLS
+// once the handshake is done.
+func (s *session) clientConn() net.Conn {
+	if s.tlsConn != nil {
+		return s.tlsConn
+	}
+	return s.cx
 }
 
 // log is the handler's logger with the session's fields, built once, when
@@ -124,6 +142,24 @@ func (s *session) ended(o outcome, detail string) {
 	if s.outcome == "" {
 		s.outcome, s.detail = o, detail
 	}
+}
+
+// howEnded is the outcome and its detail, once the session is over.
+func (s *session) howEnded() (outcome, string) {
+	s.endMu.Lock()
+	defer s.endMu.Unlock()
+	if s.outcome == "" {
+		return outcomeClientClosed, s.detail
+	}
+	return s.outcome, s.detail
+}
+
+// mode is implicit or starttls, as the access line and the metrics say it.
+func (s *session) mode() string {
+	if s.implicit {
+		return "implicit"
+	}
+	return "starttls"
 }
 
 // errorDetail is an error's text for the detail of an outcome.

@@ -128,7 +128,8 @@ func (h *Handler) startTLS(sess *session, conn net.Conn) *tls.Conn {
 	info := new(handshakeInfo)
 	ctx := context.WithValue(cx.Context, handshakeInfoKey{}, info)
 	tlsConn := tls.Server(conn, h.tlsConfig)
-	_ = cx.SetDeadline(time.Now().Add(h.timeout.handshake))
+	start := time.Now()
+	_ = cx.SetDeadline(start.Add(h.timeout.handshake))
 	// on a goroutine of its own: the handshake needs a deep stack, and a
 	// goroutine keeps its stack's largest size for long after, while the
 	// session's goroutine lives as long as the session (idle, mostly).
@@ -138,6 +139,7 @@ func (h *Handler) startTLS(sess *session, conn net.Conn) *tls.Conn {
 	err := <-handshakeDone
 	_ = cx.SetDeadline(time.Time{})
 	if err != nil {
+		metrics.handshake(sess.listener, time.Since(start), nil)
 		why, detail := handshakeOutcome(err, info)
 		sess.ended(why, detail)
 		if why == outcomeNoCertificate {
@@ -150,7 +152,8 @@ func (h *Handler) startTLS(sess *session, conn net.Conn) *tls.Conn {
 		return nil
 	}
 	state := tlsConn.ConnectionState()
-	sess.tls = &state
+	metrics.handshake(sess.listener, time.Since(start), &state)
+	sess.tls, sess.tlsConn = &state, tlsConn
 	recordTLS(cx, &info.hello, &state)
 	setTLSPlaceholders(cx.Replacer(), &state)
 	// checked first: naming the cipher suite allocates, on every handshake

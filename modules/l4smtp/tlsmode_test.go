@@ -19,17 +19,25 @@ import (
 // mail server was reached.
 func serveHandle(t *testing.T, h *Handler) (net.Conn, <-chan bool) {
 	t.Helper()
-	reached := make(chan bool, 1)
-	next := layer4.HandlerFunc(func(cx *layer4.Connection) error {
-		reached <- true
-		b := &backend{t: t, conn: cx, r: bufio.NewReader(cx),
-			closeWrite: cx.Conn.(interface{ CloseWrite() error }).CloseWrite}
+	return serveHandleWith(t, h, func(b *backend) {
 		b.send("220 backend.internal ESMTP\r\n")
 		b.expect("EHLO client.example")
 		b.send("250 backend.internal\r\n")
 		b.expect("QUIT")
 		b.send("221 2.0.0 Bye\r\n")
 		b.finish()
+	})
+}
+
+// serveHandleWith is serveHandle with the mail server's script. The result
+// comes when Handle has returned.
+func serveHandleWith(t *testing.T, h *Handler, script func(*backend)) (net.Conn, <-chan bool) {
+	t.Helper()
+	reached := make(chan bool, 1)
+	next := layer4.HandlerFunc(func(cx *layer4.Connection) error {
+		reached <- true
+		script(&backend{t: t, conn: cx, r: bufio.NewReader(cx),
+			closeWrite: cx.Conn.(interface{ CloseWrite() error }).CloseWrite})
 		return nil
 	})
 	client, done := serveOne(t, func(cx *layer4.Connection) error { return h.Handle(cx, next) })

@@ -83,13 +83,14 @@ type transactionTracker struct {
 // session after TLS, as the replies confirmed them. No secret is kept: of an
 // AUTH exchange only the user name.
 type sessionFacts struct {
-	ehlo         string // the name of the last accepted EHLO or HELO
-	authAttempts int
-	authFailures int
-	user         string // the user name of the successful AUTH, when the mechanism names one
-	messages     int    // messages accepted (250 to the end of DATA or to BDAT LAST)
-	recipients   int    // recipients accepted (2xx to RCPT)
-	ehloPending  string // the name of an EHLO or HELO awaiting its reply
+	ehlo          string // the name of the last accepted EHLO or HELO
+	authAttempts  int
+	authSuccesses int
+	authFailures  int
+	user          string // the user name of the successful AUTH, when the mechanism names one
+	messages      int    // messages accepted (250 to the end of DATA or to BDAT LAST)
+	recipients    int    // recipients accepted (2xx to RCPT)
+	ehloPending   string // the name of an EHLO or HELO awaiting its reply
 }
 
 // saslMechanism is an AUTH mechanism whose user name the tracker can read.
@@ -359,6 +360,7 @@ func (t *transactionTracker) reply(code [3]byte) {
 		case code == [3]byte{'3', '3', '4'}:
 			t.sasl = true
 		case code == [3]byte{'2', '3', '5'}:
+			t.facts.authSuccesses++
 			t.facts.user = t.authUser
 		default:
 			t.facts.authFailures++
