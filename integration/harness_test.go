@@ -288,6 +288,39 @@ type caddySetup struct {
 	hostnames []string
 }
 
+// startEdgePair starts a caddy with an implicit TLS and a STARTTLS listener
+// for mail.localhost, both into one smtp_sink that stores into sinkDir, each
+// smtp block with the extra option lines; adjust, when set, changes the
+// setup further. It returns the caddy and the two listeners.
+func startEdgePair(t *testing.T, sinkDir string, options []string, adjust func(*caddySetup)) (*caddyProc, []listener) {
+	t.Helper()
+	var listeners []listener
+	proc := startCaddy(t, func() caddySetup {
+		listeners = []listener{
+			{name: "submissions", mode: implicitTLS, addr: freeAddr(t)},
+			{name: "submission", mode: startTLS, addr: freeAddr(t)},
+		}
+		sinkAddr := freeAddr(t)
+		setup := caddySetup{
+			config: caddyConfig{
+				Edges: []edgeConfig{
+					{Addrs: []string{listeners[0].addr}, Hostnames: []string{firstHost}, ImplicitTLS: true, Options: options, Backend: sinkAddr},
+					{Addrs: []string{listeners[1].addr}, Hostnames: []string{firstHost}, Options: options, Backend: sinkAddr},
+				},
+				Sinks: []sinkConfig{{Addr: sinkAddr, Dir: sinkDir, MaxMessageSize: 1 << 20}},
+			},
+			addrs:     []string{listeners[0].addr, listeners[1].addr, sinkAddr},
+			probe:     listeners[0],
+			hostnames: []string{firstHost},
+		}
+		if adjust != nil {
+			adjust(&setup)
+		}
+		return setup
+	})
+	return proc, listeners
+}
+
 // startCaddy writes a Caddyfile into a temporary directory of t, starts
 // caddy on it, and waits until every address of the setup accepts
 // connections and the probe listener completes a verified TLS handshake for
@@ -760,7 +793,17 @@ func smtpClient(t *testing.T, l listener, cfg *tls.Config) *smtp.Client {
 }
 
 func smtpClientErr(l listener, cfg *tls.Config) (*smtp.Client, error) {
-	conn, err := net.DialTimeout("tcp", l.addr, 10*time.Second)
+	return smtpClientFrom(l, cfg, "")
+}
+
+// smtpClientFrom is smtpClientErr from the loopback address localIP (the
+// system's choice when empty).
+func smtpClientFrom(l listener, cfg *tls.Config, localIP string) (*smtp.Client, error) {
+	d := net.Dialer{Timeout: 10 * time.Second}
+	if localIP != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(localIP)}
+	}
+	conn, err := d.Dial("tcp", l.addr)
 	if err != nil {
 		return nil, err
 	}

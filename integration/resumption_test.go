@@ -290,27 +290,9 @@ print(json.dumps([first, second]))
 func TestTLSSessionTicketsDisabled(t *testing.T) {
 	t.Parallel()
 	sinkDir := filepath.Join(t.TempDir(), "mail")
-	var listeners []listener
-	proc := startCaddy(t, func() caddySetup {
-		listeners = []listener{
-			{name: "submissions", mode: implicitTLS, addr: freeAddr(t)},
-			{name: "submission", mode: startTLS, addr: freeAddr(t)},
-		}
-		sinkAddr := freeAddr(t)
-		return caddySetup{
-			config: caddyConfig{
-				Edges: []edgeConfig{
-					{Addrs: []string{listeners[0].addr}, Hostnames: []string{firstHost}, ImplicitTLS: true, Backend: sinkAddr},
-					{Addrs: []string{listeners[1].addr}, Hostnames: []string{firstHost}, Backend: sinkAddr},
-				},
-				Sinks: []sinkConfig{{Addr: sinkAddr, Dir: sinkDir, MaxMessageSize: 1 << 20}},
-			},
-			editJSON: func(config map[string]any) {
-				tlsApp(config)["session_tickets"] = map[string]any{"disabled": true}
-			},
-			addrs:     []string{listeners[0].addr, listeners[1].addr, sinkAddr},
-			probe:     listeners[0],
-			hostnames: []string{firstHost},
+	proc, listeners := startEdgePair(t, sinkDir, nil, func(setup *caddySetup) {
+		setup.editJSON = func(config map[string]any) {
+			tlsApp(config)["session_tickets"] = map[string]any{"disabled": true}
 		}
 	})
 	for _, l := range listeners {
@@ -335,44 +317,23 @@ func TestTLSSessionTicketsDistributed(t *testing.T) {
 	distributed := func(config map[string]any) {
 		tlsApp(config)["session_tickets"] = map[string]any{"key_source": map[string]any{"provider": "distributed"}}
 	}
-	start := func(storage string, roots *caddyProc) (*caddyProc, []listener) {
-		var listeners []listener
-		sinkDir := filepath.Join(t.TempDir(), "mail")
-		proc := startCaddy(t, func() caddySetup {
-			listeners = []listener{
-				{name: "submissions", mode: implicitTLS, addr: freeAddr(t)},
-				{name: "submission", mode: startTLS, addr: freeAddr(t)},
-			}
-			sinkAddr := freeAddr(t)
-			setup := caddySetup{
-				config: caddyConfig{
-					Edges: []edgeConfig{
-						{Addrs: []string{listeners[0].addr}, Hostnames: []string{firstHost}, ImplicitTLS: true, Backend: sinkAddr},
-						{Addrs: []string{listeners[1].addr}, Hostnames: []string{firstHost}, Backend: sinkAddr},
-					},
-					Sinks: []sinkConfig{{Addr: sinkAddr, Dir: sinkDir, MaxMessageSize: 1 << 20}},
-				},
-				editJSON: func(config map[string]any) {
-					distributed(config)
-					if storage != "" {
-						config["storage"] = map[string]any{"module": "file_system", "root": storage}
-					}
-				},
-				addrs:     []string{listeners[0].addr, listeners[1].addr, sinkAddr},
-				probe:     listeners[0],
-				hostnames: []string{firstHost},
-			}
-			if roots != nil {
-				setup.roots = roots.rootPool()
-			}
-			return setup
-		})
-		return proc, listeners
-	}
-	first, firstListeners := start("", nil)
 	// the second uses the first's storage: its certificates, its local CA
 	// and its ticket keys
-	second, secondListeners := start(filepath.Join(first.dataDir, "caddy"), first)
+	start := func(storageOf *caddyProc) (*caddyProc, []listener) {
+		return startEdgePair(t, filepath.Join(t.TempDir(), "mail"), nil, func(setup *caddySetup) {
+			setup.editJSON = func(config map[string]any) {
+				distributed(config)
+				if storageOf != nil {
+					config["storage"] = map[string]any{"module": "file_system", "root": filepath.Join(storageOf.dataDir, "caddy")}
+				}
+			}
+			if storageOf != nil {
+				setup.roots = storageOf.rootPool()
+			}
+		})
+	}
+	first, firstListeners := start(nil)
+	_, secondListeners := start(first)
 	for i, l := range firstListeners {
 		for _, version := range tlsVersions {
 			t.Run(fmt.Sprintf("%s/%s", l.name, tls.VersionName(version)), func(t *testing.T) {
@@ -384,7 +345,6 @@ func TestTLSSessionTicketsDistributed(t *testing.T) {
 			})
 		}
 	}
-	_ = second
 }
 
 // tlsApp is the TLS app of an adapted config, made if there is none.

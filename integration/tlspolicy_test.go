@@ -80,27 +80,7 @@ func TestTLSPolicyTestssl(t *testing.T) {
 	testssl := requireTestssl(t)
 	openssl := requireTool(t, "openssl", "openssl")
 
-	sinkDir := filepath.Join(t.TempDir(), "mail")
-	var listeners []listener
-	proc := startCaddy(t, func() caddySetup {
-		listeners = []listener{
-			{name: "submissions", mode: implicitTLS, addr: freeAddr(t)},
-			{name: "submission", mode: startTLS, addr: freeAddr(t)},
-		}
-		sinkAddr := freeAddr(t)
-		return caddySetup{
-			config: caddyConfig{
-				Edges: []edgeConfig{
-					{Addrs: []string{listeners[0].addr}, Hostnames: []string{firstHost}, ImplicitTLS: true, Backend: sinkAddr},
-					{Addrs: []string{listeners[1].addr}, Hostnames: []string{firstHost}, Backend: sinkAddr},
-				},
-				Sinks: []sinkConfig{{Addr: sinkAddr, Dir: sinkDir, MaxMessageSize: 1 << 20}},
-			},
-			addrs:     []string{listeners[0].addr, listeners[1].addr, sinkAddr},
-			probe:     listeners[0],
-			hostnames: []string{firstHost},
-		}
-	})
+	proc, listeners := startEdgePair(t, filepath.Join(t.TempDir(), "mail"), nil, nil)
 
 	for _, l := range listeners {
 		t.Run("testssl/"+l.name, func(t *testing.T) {
@@ -464,27 +444,7 @@ func tpSessionThrough(out string) bool {
 func TestTLSPolicyTLS13Only(t *testing.T) {
 	t.Parallel()
 	sinkDir := filepath.Join(t.TempDir(), "mail")
-	var listeners []listener
-	proc := startCaddy(t, func() caddySetup {
-		listeners = []listener{
-			{name: "submissions", mode: implicitTLS, addr: freeAddr(t)},
-			{name: "submission", mode: startTLS, addr: freeAddr(t)},
-		}
-		sinkAddr := freeAddr(t)
-		policy := []string{"connection_policy {", "\tprotocols tls1.3", "}"}
-		return caddySetup{
-			config: caddyConfig{
-				Edges: []edgeConfig{
-					{Addrs: []string{listeners[0].addr}, Hostnames: []string{firstHost}, ImplicitTLS: true, Options: policy, Backend: sinkAddr},
-					{Addrs: []string{listeners[1].addr}, Hostnames: []string{firstHost}, Options: policy, Backend: sinkAddr},
-				},
-				Sinks: []sinkConfig{{Addr: sinkAddr, Dir: sinkDir, MaxMessageSize: 1 << 20}},
-			},
-			addrs:     []string{listeners[0].addr, listeners[1].addr, sinkAddr},
-			probe:     listeners[0],
-			hostnames: []string{firstHost},
-		}
-	})
+	proc, listeners := startEdgePair(t, sinkDir, []string{"connection_policy {", "\tprotocols tls1.3", "}"}, nil)
 
 	for _, l := range listeners {
 		t.Run("openssl-TLS1.2-refused/"+l.name, func(t *testing.T) {

@@ -89,6 +89,10 @@ func TestAccessLine(t *testing.T) {
 			clientSends("EHLO spambot\r\n"), outcomeEarlyTalker, ""},
 		{"ClientHello on a STARTTLS listener without detect_tls", func(h *Handler) { h.DetectTLS = -1 }, nil,
 			clientSends("\x16\x03\x01\x00\x05hello\r\n"), outcomeUnexpectedTLS, ""},
+		{"a long ClientHello with no line end", func(h *Handler) { h.DetectTLS = -1 }, nil, func(t *testing.T, conn net.Conn) {
+			io.WriteString(conn, "\x16\x03\x01\x06\xc0"+strings.Repeat("k", 1700))
+			readReplies(t, bufio.NewReader(conn), 1) // the greeting, taken for a TLS record
+		}, outcomeUnexpectedTLS, ""},
 		{"TLS 1.1 client", implicit, nil, func(t *testing.T, conn net.Conn) {
 			cfg := testClientTLS()
 			cfg.MinVersion, cfg.MaxVersion = tls.VersionTLS11, tls.VersionTLS11

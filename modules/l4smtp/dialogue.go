@@ -36,6 +36,9 @@ var commandsNeedingTLS = [][]byte{
 func (h *Handler) plaintextDialogue(sess *session, first []byte) net.Conn {
 	s := &dialogue{h: h, cx: sess.cx, sess: sess, in: newLineReader(sess.cx)}
 	s.in.w = copy(s.in.buf, first)
+	if len(first) > 0 {
+		s.in.first, s.in.read = first[0], true
+	}
 	defer sess.enter(nil)
 	if sess.enter(s) {
 		s.shutDown()
@@ -67,20 +70,22 @@ func (s *dialogue) run(talked bool) net.Conn {
 			return nil
 		}
 		line, tooLong, err := s.in.readLine()
-		if err != nil {
-			if s.sess.isDraining() {
-				s.shutDown()
-				return nil
-			}
-			s.readFailed(err)
+		if err != nil && s.sess.isDraining() {
+			s.shutDown()
 			return nil
 		}
-		if lines == 0 && len(line) > 0 && line[0] == tlsHandshakeRecord {
-			// a TLS client on a listener that does not detect one:
-			// it has taken the greeting for a broken TLS record
-			// already, and a plaintext reply would only add to that
+		if lines == 0 && s.in.startsWith(tlsHandshakeRecord) {
+			// a TLS client on a listener that does not detect one
+			// (its ClientHello may hold no line end: then it ends
+			// with the client's close): it has taken the greeting
+			// for a broken TLS record already, and a plaintext reply
+			// would only add to that
 			s.sess.ended(outcomeUnexpectedTLS, "ClientHello instead of a command")
 			s.sess.log().Debug("TLS handshake instead of SMTP on a STARTTLS listener (detect_tls serves such clients); closing")
+			return nil
+		}
+		if err != nil {
+			s.readFailed(err)
 			return nil
 		}
 		verb, args := splitCommand(line)
@@ -293,9 +298,11 @@ func needsTLS(verb []byte) bool {
 // used only before TLS, and the dialogue checks that it holds nothing when
 // TLS starts, so no plaintext byte can cross into the encrypted session.
 type lineReader struct {
-	rd   io.Reader
-	buf  []byte
-	r, w int
+	rd    io.Reader
+	buf   []byte
+	r, w  int
+	first byte // the first byte the client sent
+	read  bool // first is set
 }
 
 func newLineReader(rd io.Reader) *lineReader {
@@ -305,6 +312,10 @@ func newLineReader(rd io.Reader) *lineReader {
 // buffered reports how many bytes were read from the client but not yet
 // returned as lines.
 func (lr *lineReader) buffered() int { return lr.w - lr.r }
+
+// startsWith reports whether the first byte the client sent is b, however
+// long the first line was.
+func (lr *lineReader) startsWith(b byte) bool { return lr.first == b && lr.read }
 
 // readLine returns the next line without its line ending (CRLF, or a bare
 // LF, which clients in the wild send). A line longer than RFC 5321 allows is
@@ -332,6 +343,9 @@ func (lr *lineReader) readLine() (line []byte, tooLong bool, err error) {
 			lr.r = 0
 		}
 		n, err := lr.rd.Read(lr.buf[lr.w:])
+		if n > 0 && !lr.read {
+			lr.first, lr.read = lr.buf[lr.w], true
+		}
 		lr.w += n
 		if err != nil && n == 0 {
 			return nil, false, err

@@ -40,13 +40,13 @@ type session struct {
 	bytesRead    int64                // relayed after TLS from the client
 	bytesWritten int64                // relayed after TLS to the client
 
+	mu sync.Mutex // guards what follows
+
 	// how the session ended: the first to know says, through ended
-	endMu   sync.Mutex
 	outcome outcome
 	detail  string
 
 	// the shutdown's state (shutdown.go)
-	mu       sync.Mutex
 	phase    phase
 	draining bool
 	timer    *time.Timer
@@ -75,10 +75,7 @@ func (s *session) clientConn() net.Conn {
 // the session first logs (most sessions log nothing but their end).
 func (s *session) log() *zap.Logger {
 	s.loggerOnce.Do(func() {
-		ip, port, err := net.SplitHostPort(s.cx.RemoteAddr().String())
-		if err != nil {
-			ip = s.cx.RemoteAddr().String()
-		}
+		ip, port := splitAddr(s.cx.RemoteAddr())
 		s.logger = s.h.logger.With(
 			zap.String("session_id", s.id),
 			zap.String("remote_ip", ip),
@@ -137,8 +134,8 @@ const (
 // ended records how the session ended; the first call wins, because later
 // ones see only the consequences of the first (a close, a failed read).
 func (s *session) ended(o outcome, detail string) {
-	s.endMu.Lock()
-	defer s.endMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.outcome == "" {
 		s.outcome, s.detail = o, detail
 	}
@@ -146,8 +143,8 @@ func (s *session) ended(o outcome, detail string) {
 
 // howEnded is the outcome and its detail, once the session is over.
 func (s *session) howEnded() (outcome, string) {
-	s.endMu.Lock()
-	defer s.endMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.outcome == "" {
 		return outcomeClientClosed, s.detail
 	}
