@@ -239,14 +239,15 @@ func (c *relayConn) CloseWrite() error {
 		if c.end(outcomeBackendUnreachable, "closed before its greeting", c.h.replies.backendUnavailable, false) {
 			c.sess.log().Warn("mail server closed the connection before greeting")
 		}
-	case c.clientEOF.Load():
-		// the client left first; nobody to tell
-		c.end(outcomeClientClosed, "", nil, false)
 	case !c.filter.midReply() && code == "221":
+		// the answer to QUIT (the client may have closed already)
 		c.end(outcomeQuit, "", nil, false)
 	case !c.filter.midReply() && code == "421":
 		// the backend said goodbye itself
 		c.end(outcomeBackendEnded, "421", nil, false)
+	case c.clientEOF.Load():
+		// the client left first; nobody to tell
+		c.end(outcomeClientClosed, "", nil, false)
 	default:
 		if c.end(outcomeBackendLost, "", c.h.replies.backendGone, false) {
 			c.sess.log().Debug("mail server closed the connection during the session")
