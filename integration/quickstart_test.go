@@ -1,9 +1,12 @@
 package integration
 
 import (
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 )
 
@@ -55,4 +58,31 @@ func TestQuickstart(t *testing.T) {
 			assertSameBytes(t, "the stored message", sinkMessage(t, filepath.Join(proc.dir, "mail"), token), msg)
 		})
 	}
+	// at Caddy's default log level, what each listener serves, and one
+	// line per session that tells how it went
+	entries := proc.logEntries(t)
+	for _, l := range listeners[:3] {
+		if !slices.ContainsFunc(entries, func(e map[string]any) bool {
+			return e["msg"] == "serving SMTP" && strings.Contains(fmt.Sprint(e["listen"]), ":"+l.port())
+		}) {
+			t.Errorf("no 'serving SMTP' line for %s", l.addr)
+		}
+	}
+	for _, l := range listeners {
+		e := proc.waitLogEntry(t, "the access line of a session through "+l.name, func(e map[string]any) bool {
+			return e["logger"] == "layer4.handlers.smtp.access" && e["listener"] == l.addr && e["outcome"] == "quit" &&
+				e["messages"] == 1.0 && e["mode"] == modeName(l.mode)
+		})
+		if e["level"] != "info" {
+			t.Errorf("access line at %v, want info", e["level"])
+		}
+	}
+}
+
+// modeName is the access line's name of a mode.
+func modeName(m tlsMode) string {
+	if m == implicitTLS {
+		return "implicit"
+	}
+	return "starttls"
 }
