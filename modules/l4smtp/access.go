@@ -19,32 +19,9 @@ import (
 // misbehaviour is told here, in the session's outcome, and not as a warning
 // of its own: warnings and errors are for what the operator can fix.
 //
-// Its fields (the names of Caddy's HTTP access log where the meaning is the
-// same):
-//
-//	session_id      16 hex digits, as in the session's other log lines
-//	remote_ip       the address the connection came from
-//	remote_port
-//	client_ip       the client's address: remote_ip, or the one a PROXY
-//	                header in front of the edge gave
-//	listener        the address the client connected to
-//	mode            implicit or starttls
-//	tls             server_name, version, cipher_suite, resumed (absent
-//	                when the session never completed a handshake)
-//	ehlo            the name of the client's accepted EHLO/HELO after TLS
-//	auth_attempts   AUTH commands after TLS, and how many failed
-//	auth_failures
-//	user_id         the user name of the successful AUTH (PLAIN, LOGIN,
-//	                XOAUTH2)
-//	messages        messages and recipients the backend accepted
-//	recipients
-//	bytes_read      bytes relayed after TLS from the client, and to it
-//	bytes_written
-//	backend         the mail server dialled (with the backend option)
-//	duration        seconds from the accept to the close
-//	outcome         how the session ended (session.go lists the set)
-//	detail          what the outcome does not say (which timeout, why a
-//	                handshake failed)
+// Its fields, with the names of Caddy's HTTP access log where the meaning is
+// the same (remote_ip, client_ip, tls, user_id, bytes_read, duration, ...),
+// are listed in the README ("Access log"), and the outcomes in session.go.
 
 // endSession ends the session's record when Handle returns: it turns a
 // panic into 421 4.3.0 for the client and an Error for the operator, then

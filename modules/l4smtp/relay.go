@@ -26,10 +26,10 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 	c.filter.tracker = &c.tracker
 	if sess.enter(c) {
 		// shutting down since before TLS was up: no backend for this one
+		c.wmu.Lock()
+		c.end(outcomeShutdown, "", h.replies.shuttingDown, false)
+		c.wmu.Unlock()
 		sess.log().Debug("ending session for shutdown")
-		sess.ended(outcomeShutdown, "")
-		c.finalReply(h.replies.shuttingDown)
-		_ = tlsConn.Close()
 		return nil
 	}
 	defer sess.enter(nil)
