@@ -1,8 +1,11 @@
 package integration
 
 import (
+	"bytes"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -32,7 +35,8 @@ func TestQuickstart(t *testing.T) {
 		// TLS port (detect_tls)
 		{name: "STARTTLS on the submissions port", mode: startTLS, addr: "127.0.0.1:1465"},
 	}
-	addrs := []string{listeners[0].addr, listeners[1].addr, listeners[2].addr, "127.0.0.1:10025"}
+	const admin = "127.0.0.1:2019"
+	addrs := []string{listeners[0].addr, listeners[1].addr, listeners[2].addr, "127.0.0.1:10025", admin}
 	for _, addr := range addrs {
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
@@ -75,6 +79,19 @@ func TestQuickstart(t *testing.T) {
 		})
 		if e["level"] != "info" {
 			t.Errorf("access line at %v, want info", e["level"])
+		}
+	}
+	// and the counts on the admin endpoint, as the README shows them
+	resp, err := http.Get("http://" + admin + "/metrics")
+	if err != nil {
+		t.Fatalf("the admin endpoint: %v", err)
+	}
+	scrape, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, l := range listeners[:3] {
+		series := fmt.Sprintf(`caddy_layer4_smtp_sessions_total{listener=%q,mode=%q,outcome="quit"}`, l.addr, modeName(l.mode))
+		if !bytes.Contains(scrape, []byte(series+" ")) {
+			t.Errorf("the admin endpoint's /metrics has no %s", series)
 		}
 	}
 }
