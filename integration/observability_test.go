@@ -48,7 +48,7 @@ func TestObservability(t *testing.T) {
 	}
 	backend := startAuthBackend(t)
 	var implicit, starttls, down, probe listener
-	var admin string
+	var admin, caddyfile string
 	proc := startCaddy(t, func() caddySetup {
 		implicit = listener{name: "submissions", mode: implicitTLS, addr: freeAddr(t)}
 		starttls = listener{name: "submission", mode: startTLS, addr: freeAddr(t)}
@@ -56,10 +56,11 @@ func TestObservability(t *testing.T) {
 		probe = listener{name: "probe", mode: implicitTLS, addr: freeAddr(t)}
 		admin = freeAddr(t)
 		dead := freeAddr(t) // nothing listens here
+		caddyfile = observabilityCaddyfile(t, string(logOptions), accessLog, admin, map[listener]string{
+			implicit: backend.addr, starttls: backend.addr, down: dead, probe: backend.addr,
+		})
 		return caddySetup{
-			caddyfile: observabilityCaddyfile(t, string(logOptions), accessLog, admin, map[listener]string{
-				implicit: backend.addr, starttls: backend.addr, down: dead, probe: backend.addr,
-			}),
+			caddyfile: caddyfile,
 			addrs:     []string{implicit.addr, starttls.addr, down.addr, probe.addr, admin},
 			probe:     probe,
 			hostnames: []string{firstHost},
@@ -289,6 +290,39 @@ func TestObservability(t *testing.T) {
 			if got := prom.waitValue(t, query, want); got != want {
 				t.Errorf("%s = %v, want %v", query, got, want)
 			}
+		}
+	})
+
+	t.Run("reload keeps the counts", func(t *testing.T) {
+		quits := fmt.Sprintf(`sum(caddy_layer4_smtp_sessions_total{listener=%q,outcome="quit"})`, implicit.addr)
+		before, _ := prom.query(t, quits)
+		req, _ := http.NewRequest(http.MethodPost, "http://"+admin+"/load", strings.NewReader(caddyfile))
+		req.Header.Set("Content-Type", "text/caddyfile")
+		req.Header.Set("Cache-Control", "must-revalidate") // reload the same config
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("reload: %v", err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("reload: %s", resp.Status)
+		}
+		// the new config has said what it serves
+		servingLines := func() int {
+			n := 0
+			for _, e := range proc.logEntries(t) {
+				if e["msg"] == "serving SMTP" && strings.Contains(fmt.Sprint(e["listen"]), implicit.addr) {
+					n++
+				}
+			}
+			return n
+		}
+		if n := servingLines(); n != 2 {
+			t.Fatalf("%d 'serving SMTP' lines for %s, want 2: the config did not reload", n, implicit.addr)
+		}
+		good(implicit, goodImplicit)
+		if got := prom.waitValue(t, quits, before+1); got != before+1 {
+			t.Errorf("after a reload and one more session: %v, want %v (the count must not start afresh)", got, before+1)
 		}
 	})
 
