@@ -76,6 +76,8 @@ type transactionTracker struct {
 	authLine []byte // an AUTH command or SASL line longer than line, kept up to maxAuthLine
 	authUser string // the user name the exchange gave, once known
 
+	ehloPending string // the name of an EHLO or HELO awaiting its reply
+
 	facts sessionFacts
 }
 
@@ -90,7 +92,6 @@ type sessionFacts struct {
 	user          string // the user name of the successful AUTH, when the mechanism names one
 	messages      int    // messages accepted (250 to the end of DATA or to BDAT LAST)
 	recipients    int    // recipients accepted (2xx to RCPT)
-	ehloPending   string // the name of an EHLO or HELO awaiting its reply
 }
 
 // saslMechanism is an AUTH mechanism whose user name the tracker can read.
@@ -225,7 +226,7 @@ func (t *transactionTracker) command() {
 		}
 	case bytes.EqualFold(verb, []byte("EHLO")), bytes.EqualFold(verb, []byte("HELO")):
 		if whole {
-			t.facts.ehloPending = string(bytes.TrimSpace(args))
+			t.ehloPending = string(bytes.TrimSpace(args))
 		}
 		t.push(kindReset)
 	case bytes.EqualFold(verb, []byte("RSET")):
@@ -346,11 +347,11 @@ func (t *transactionTracker) reply(code [3]byte) {
 	case kindReset:
 		if positive {
 			t.inTransaction = false
-			if t.facts.ehloPending != "" {
-				t.facts.ehlo = t.facts.ehloPending
+			if t.ehloPending != "" {
+				t.facts.ehlo = t.ehloPending
 			}
 		}
-		t.facts.ehloPending = ""
+		t.ehloPending = ""
 	case kindRcpt:
 		if positive {
 			t.facts.recipients++

@@ -172,7 +172,7 @@ func FuzzTransactionTracker(f *testing.F) {
 func summary(tr *transactionTracker) string {
 	return fmt.Sprintf("pending %v body %v/%d chunk %d/%d line %d txn %v lost %v facts %+v sasl %v/%d/%d user %q",
 		tr.pending[tr.head:], tr.inBody, tr.body, tr.chunkLeft, tr.chunkKind, tr.lineLen, tr.inTransaction, tr.lost,
-		tr.facts, tr.sasl, tr.saslMech, tr.saslStep, tr.authUser)
+		tr.facts, tr.sasl, tr.saslMech, tr.saslStep, tr.authUser+"|"+tr.ehloPending)
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
