@@ -167,13 +167,13 @@ func (t *transactionTracker) appendLine(p []byte) {
 		if len(p) == 0 {
 			return
 		}
-		if !t.sasl && !bytes.EqualFold(t.line[:5], []byte("AUTH ")) {
-			t.lineLen += len(p)
-			return
-		}
+	}
+	// past the start of the line, wherever the pieces were cut: only an
+	// AUTH command or a SASL line is kept on
+	if t.lineLen == len(t.line) && (t.sasl || bytes.EqualFold(t.line[:5], []byte("AUTH "))) {
 		t.authLine = append(t.authLine[:0], t.line[:]...)
 	}
-	if t.authLine != nil && len(t.authLine) == t.lineLen {
+	if len(t.authLine) > 0 && len(t.authLine) == t.lineLen {
 		t.authLine = append(t.authLine, p[:min(len(p), maxAuthLine-len(t.authLine))]...)
 	}
 	t.lineLen += len(p)
@@ -184,7 +184,7 @@ func (t *transactionTracker) wholeLine() (line []byte, whole bool) {
 	if t.lineLen <= len(t.line) {
 		return t.line[:t.lineLen], true
 	}
-	if t.authLine != nil && len(t.authLine) == t.lineLen {
+	if len(t.authLine) > 0 && len(t.authLine) == t.lineLen {
 		return t.authLine, true
 	}
 	return t.line[:], false
