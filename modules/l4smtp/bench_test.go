@@ -50,14 +50,15 @@ func BenchmarkTransactionTracker(b *testing.B) {
 	replies := [][3]byte{{'2', '5', '0'}, {'2', '5', '0'}, {'2', '5', '0'}, {'3', '5', '4'}}
 	b.ReportAllocs()
 	b.SetBytes(int64(len(commands) + len(content) + 3 + 6))
+	out := make([]byte, 0, len(content))
 	for b.Loop() {
-		var t transactionTracker
-		t.client(commands)
+		t := transactionTracker{normalize: true, requireAuth: true, authed: true, edge: &defaultEdgeAnswers}
+		out, _ = t.client(out[:0], commands)
 		for _, code := range replies {
 			t.reply(code)
 		}
-		t.client(content)
-		t.client([]byte(".\r\nQUIT\r\n"))
+		out, _ = t.client(out[:0], content)
+		out, _ = t.client(out[:0], []byte(".\r\nQUIT\r\n"))
 		t.reply([3]byte{'2', '5', '0'})
 		t.reply([3]byte{'2', '2', '1'})
 	}

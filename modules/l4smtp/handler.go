@@ -122,6 +122,35 @@ type Handler struct {
 	// Default: none.
 	ProxyProtocol string `json:"proxy_protocol,omitempty"`
 
+	// Tell the backend who the client is with Postfix's XCLIENT command,
+	// inside the session after TLS: the edge sends its own EHLO and then
+	// XCLIENT with the client's address and port and the address it
+	// connected to (as far as the backend offers those attributes), and
+	// relays the client only once the backend has taken it. The backend
+	// must allow the edge to use XCLIENT (Postfix:
+	// smtpd_authorized_xclient_hosts); one that does not gets the client a
+	// 421 and the operator an Error. Not with proxy_protocol: send one or the
+	// other. Default: false.
+	XClient bool `json:"xclient,omitempty"`
+
+	// Answer MAIL, RCPT, DATA and BDAT with "530 5.7.0 Authentication
+	// required" until the client has authenticated (the backend's 235 to
+	// AUTH, or a client certificate verified under client_auth), so that
+	// no backend that trusts the edge's address can be made an open relay
+	// through it. Turn it off only for backends that authenticate clients
+	// by other means. Default: true.
+	RequireAuth *bool `json:"require_auth,omitempty"`
+
+	// What the backend gets for a bare CR or bare LF that the client sends
+	// after TLS, in a command line or in message content: "normalize" sends
+	// CRLF, and keeps a "." line that is not CRLF "." CRLF as content, so
+	// that every backend ends a message where the edge and RFC 5321 do
+	// (no SMTP smuggling, CVE-2023-51764/5/6); "pass" sends the bytes as the
+	// client sent them, and a backend that accepts another end of data than
+	// CRLF "." CRLF can then be made to take a second message the edge
+	// never saw. BDAT chunks always pass unchanged. Default: "normalize".
+	BareLineEnds string `json:"bare_line_ends,omitempty"`
+
 	// The text after "220 <first hostname> " in the greeting before STARTTLS.
 	// Default: "ESMTP".
 	Greeting string `json:"greeting,omitempty"`
@@ -196,6 +225,8 @@ type Handler struct {
 
 	backends      []backendAddr
 	proxyProtocol int
+	requireAuth   bool
+	passLineEnds  bool
 
 	app          *App
 	ctx          caddy.Context
@@ -344,6 +375,9 @@ func (h *Handler) setup() ([]string, error) {
 	h.limits = &connLimits{max: h.MaxConnections, maxPerIP: h.MaxConnectionsPerIP}
 
 	if err := h.setupBackends(); err != nil {
+		return nil, err
+	}
+	if err := h.setupReading(); err != nil {
 		return nil, err
 	}
 

@@ -49,7 +49,8 @@ var testCert = sync.OnceValues(func() (tls.Certificate, error) {
 // entries the test can read.
 func newTestHandler(t testing.TB, configure func(*Handler)) (*Handler, *observer.ObservedLogs) {
 	t.Helper()
-	h := &Handler{Hostnames: []string{"mail.test"}}
+	// most tests relay mail without AUTH; require_auth has tests of its own
+	h := &Handler{Hostnames: []string{"mail.test"}, RequireAuth: new(bool)}
 	if configure != nil {
 		configure(h)
 	}

@@ -21,9 +21,14 @@ import (
 func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) error {
 	cx := sess.cx
 	c := &relayConn{Conn: tlsConn, h: h, sess: sess, greeting: make(chan struct{})}
+	c.replied = sync.NewCond(&c.tmu)
 	// in STARTTLS mode the edge has greeted the client already
 	c.filter.swallowGreeting = !sess.implicit
 	c.filter.tracker = &c.tracker
+	h.setupTracker(&c.tracker, sess)
+	if h.XClient {
+		c.xclient = xclientEHLO
+	}
 	if sess.enter(c) {
 		// shutting down since before TLS was up: no backend for this one
 		c.wmu.Lock()
@@ -33,9 +38,10 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 		return nil
 	}
 	defer sess.enter(nil)
-	if sess.implicit {
+	if sess.implicit && c.xclient == xclientOff {
 		// with implicit TLS the client waits for the backend's greeting
 		// itself, and a client that talks first is the backend's to judge
+		// (with xclient, the edge's EHLO must wait for it)
 		c.greetingSeen()
 	}
 	var wrapped *layer4.Connection
@@ -85,9 +91,10 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 }
 
 // relayConn is the client's TLS connection as the next handler sees it. Reads
-// (client to backend) pass through untouched and are never buffered; a
-// transactionTracker watches them go by, for the shutdown. Writes (backend
-// to client) go through a replyFilter. It also keeps the session's clocks:
+// (client to backend) go through the transactionTracker, the edge's one
+// reading of the session, which normalises line ends, answers some commands
+// itself and adds the edge's own; writes (backend to client) go through a
+// replyFilter, which also puts the edge's answers in their place. It also keeps the session's clocks:
 // the backend greeting timeout and the idle timeout.
 //
 // The session is ended by the edge only through end. Lock order: wmu before
@@ -107,8 +114,17 @@ type relayConn struct {
 	// tmu guards the tracker, which both directions feed, and orders the
 	// decision to end the session for shutdown (closed is set under it)
 	// before any client byte that comes after it: such bytes are dropped.
+	// replied (on tmu) wakes the reading when a reply has come or the
+	// session has ended.
 	tmu     sync.Mutex
+	replied *sync.Cond
 	tracker transactionTracker
+	xclient xclientStep // guarded by tmu
+
+	// the reading's own state (the reading goroutine's)
+	held       []byte // client bytes read but not yet read by the tracker: it waits for a reply
+	pendingOut []byte // bytes for the backend that did not fit in the caller's buffer
+	readErr    error  // the client's read error, once pendingOut is passed on
 
 	// greeting is closed once the backend has greeted, or the session is
 	// over: until then the client's bytes are held back (STARTTLS mode)
@@ -124,32 +140,111 @@ type relayConn struct {
 	idleTimer    *time.Timer
 }
 
-// Read passes client bytes on to the next handler as they are, but not
-// before the backend has greeted: in STARTTLS mode the client, greeted by
-// the edge already, sends EHLO right after the handshake, and a backend that
-// gets it before its own greeting sees a client that pipelines without
-// permission (Postfix logs "improper command pipelining after CONNECT", and
-// since 3.9 refuses the session).
+// Read gives the next handler the client's bytes as the tracker reads them
+// (normalised, without the commands the edge answers, with the edge's own
+// commands), but not before the backend has greeted: in STARTTLS mode the
+// client, greeted by the edge already, sends EHLO right after the handshake,
+// and a backend that gets it before its own greeting sees a client that
+// pipelines without permission (Postfix logs "improper command pipelining
+// after CONNECT", and since 3.9 refuses the session). Where the tracker
+// waits for a reply, Read waits with it, and what the client sent meanwhile
+// is held.
 func (c *relayConn) Read(p []byte) (int, error) {
 	<-c.greeting
-	n, err := c.Conn.Read(p)
-	if n > 0 {
-		c.bytesRead.Add(int64(n))
-		c.touch()
+	for {
+		if len(c.pendingOut) > 0 {
+			n := copy(p, c.pendingOut)
+			c.pendingOut = c.pendingOut[n:]
+			return n, nil
+		}
+		if c.readErr != nil {
+			return 0, c.readErr
+		}
+		c.tmu.Lock()
+		for c.tracker.waiting() && !c.closed.Load() {
+			c.replied.Wait()
+		}
+		if c.closed.Load() {
+			c.tmu.Unlock()
+			return 0, net.ErrClosed
+		}
+		if c.xclient != xclientOff && c.xclient != xclientDone {
+			out, failure := c.edgeCommand(p[:0])
+			c.tmu.Unlock()
+			if failure != "" {
+				c.identityRefused(failure)
+				return 0, net.ErrClosed
+			}
+			if len(out) > 0 {
+				return len(out), nil
+			}
+			continue
+		}
+		c.tmu.Unlock()
+
+		in := c.held
+		var err error
+		if len(in) == 0 {
+			var n int
+			n, err = c.Conn.Read(p)
+			if n > 0 {
+				c.bytesRead.Add(int64(n))
+				c.touch()
+			}
+			if errors.Is(err, io.EOF) {
+				c.clientEOF.Store(true)
+			}
+			in = p[:n]
+		}
+		scratch := largeBufs.Get().(*[]byte)
 		c.tmu.Lock()
 		if c.closed.Load() {
 			// the session was ended (for shutdown, between
 			// transactions); nothing more may reach the backend
 			c.tmu.Unlock()
+			largeBufs.Put(scratch)
 			return 0, net.ErrClosed
 		}
-		c.tracker.client(p[:n])
+		out, used := c.tracker.client((*scratch)[:0], in)
+		answers := len(c.tracker.answers) > 0
 		c.tmu.Unlock()
+		if len(c.held) > 0 {
+			c.held = c.held[used:]
+		} else if used < len(in) {
+			c.held = append([]byte(nil), in[used:]...)
+		}
+		if answers {
+			c.sendAnswers()
+		}
+		n := copy(p, out)
+		if n < len(out) {
+			c.pendingOut = append(c.pendingOut[:0:0], out[n:]...)
+		}
+		largeBufs.Put(scratch)
+		if err != nil && len(c.pendingOut) > 0 {
+			c.readErr, err = err, nil
+		}
+		if n > 0 || err != nil {
+			return n, err
+		}
 	}
-	if errors.Is(err, io.EOF) {
-		c.clientEOF.Store(true)
+}
+
+// sendAnswers writes the edge's own answers whose turn has come.
+func (c *relayConn) sendAnswers() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed.Load() {
+		return
 	}
-	return n, err
+	c.tmu.Lock()
+	c.out = c.tracker.takeAnswers(c.out[:0])
+	c.tmu.Unlock()
+	if len(c.out) > 0 {
+		c.bytesWritten += int64(len(c.out))
+		_, _ = c.Conn.Write(c.out)
+		c.touch()
+	}
 }
 
 // Write takes backend bytes and passes on what the client should see. It
@@ -164,7 +259,21 @@ func (c *relayConn) Write(p []byte) (int, error) {
 	greeted := c.filter.greetingDone()
 	c.tmu.Lock()
 	c.out = c.filter.process(c.out[:0], p)
+	lost := c.tracker.lost
+	c.replied.Broadcast() // a reply the reading may wait for
 	c.tmu.Unlock()
+	if code := c.filter.lastReply(); lost && !c.filter.midReply() && code != "421" && code != "221" {
+		// the replies no longer pair with the commands: the edge cannot
+		// tell what the backend reads any more (unless the backend is
+		// saying goodbye)
+		c.bytesWritten += int64(len(c.out))
+		_, _ = c.Conn.Write(c.out)
+		if c.end(outcomeBackendLost, "replies out of order", c.h.replies.backendGone, false) {
+			c.sess.log().Warn("mail server replied out of order; ending the session",
+				zap.String("last_reply", c.filter.lastReply()))
+		}
+		return len(p), nil
+	}
 	if !greeted && c.filter.greetingDone() {
 		c.backendTimer.Stop()
 		defer c.greetingSeen() // after the greeting's answer is written
@@ -315,6 +424,7 @@ func (c *relayConn) end(why outcome, detail string, reply []byte, ifIdle bool) b
 	first := !c.closed.Load() && (!ifIdle || c.tracker.idle())
 	if first {
 		c.closed.Store(true)
+		c.replied.Broadcast()
 	}
 	c.tmu.Unlock()
 	if first {

@@ -20,6 +20,9 @@ var hiddenExtensions = [][]byte{[]byte("STARTTLS"), []byte("XCLIENT"), []byte("X
 //     already (STARTTLS mode); a greeting that is not 2xx is passed on instead,
 //     as the answer to the client's EHLO, and the backend's own answer to that
 //     EHLO is dropped so replies stay paired with commands;
+//   - swallows the replies to the edge's own commands (the tracker says
+//     which), and puts the edge's own answers to the client's commands in
+//     their place in command order;
 //   - removes hiddenExtensions from multi-line 250 replies (never the first
 //     line, which names the server), and turns the last line that is left into
 //     the final line of the reply.
@@ -33,6 +36,7 @@ type replyFilter struct {
 	keepGreeting bool // the greeting goes to the client
 	dropReply    bool // drop the reply in progress or the next one
 	inReply      bool // after the first line of a multi-line reply
+	swallow      bool // the reply in progress answers a command of the edge's own
 	filtering    bool // the multi-line reply in progress is a 250 reply
 	lastCode     [3]byte
 
@@ -86,6 +90,10 @@ func (f *replyFilter) process(dst, p []byte) []byte {
 		p = p[i+1:]
 		dst, _ = f.line(dst, line, false)
 		f.partial = f.partial[:0]
+		if f.tracker != nil && len(f.tracker.answers) > 0 && !f.inReply {
+			// the edge's answers to the commands after this reply's
+			dst = f.tracker.takeAnswers(dst)
+		}
 	}
 	return dst
 }
@@ -107,6 +115,9 @@ func (f *replyFilter) line(dst, line []byte, cut bool) ([]byte, bool) {
 			f.greeted = true
 			f.lastCode = code
 			f.dropReply = f.swallowGreeting && f.keepGreeting
+			if f.tracker != nil {
+				f.tracker.greetingOK = ok && code[0] == '2'
+			}
 		}
 		if f.keepGreeting {
 			return append(dst, line...), true
@@ -114,6 +125,17 @@ func (f *replyFilter) line(dst, line []byte, cut bool) ([]byte, bool) {
 		return dst, false
 	}
 
+	if first && f.tracker != nil && f.tracker.swallowing() {
+		f.swallow = true
+	}
+	if f.swallow {
+		f.tracker.swallowedLine(line)
+		if final {
+			f.swallow = false
+			f.tracker.reply(code)
+		}
+		return dst, false
+	}
 	if final && f.tracker != nil {
 		f.tracker.reply(code) // dropped or not, it answers a command
 	}

@@ -125,6 +125,9 @@ const (
 	outcomeBackendLost outcome = "backend_lost"
 	// the backend ended the session with 421
 	outcomeBackendEnded outcome = "backend_ended"
+	// the backend did not take the client's identity from the edge
+	// (xclient): 421 4.4.1, logged at Error
+	outcomeBackendRefused outcome = "identity_refused"
 	// ended with 421 4.3.2 because Caddy is shutting down
 	outcomeShutdown outcome = "shutdown"
 	// a fault of the edge (a panic): 421 4.3.0, logged at Error

@@ -6,26 +6,27 @@ import (
 	"strconv"
 )
 
-// maxTrackedCommands bounds how many commands may wait for their replies
-// before a session stops being tracked. RFC 2920 clients pipeline a handful;
-// a client with more in flight simply loses the early end at shutdown.
+// maxTrackedCommands bounds how many commands may wait for their replies.
+// RFC 2920 clients pipeline a handful; a client with more in flight is read
+// no further until replies have come back.
 const maxTrackedCommands = 1024
 
-// commandKind is what the reply to a client command means for the mail
-// transaction.
+// commandKind is what the reply to a command means for the session.
 type commandKind uint8
 
 const (
-	kindOther    commandKind = iota
-	kindMail                 // MAIL: a 2xx opens a transaction
-	kindData                 // DATA: a 354 starts the message content
-	kindDataEnd              // the line "." that ends the content: its reply ends the transaction
-	kindBDAT                 // BDAT without LAST, with its chunk
-	kindBDATLast             // BDAT LAST, with its chunk: its reply ends the transaction
-	kindReset                // RSET, EHLO, HELO: a 2xx ends any transaction
-	kindRcpt                 // RCPT: a 2xx accepts a recipient
-	kindAuth                 // AUTH: 235 authenticates, 334 asks for a SASL line
-	kindSASL                 // a SASL line that answers a 334 (never a command)
+	kindOther       commandKind = iota
+	kindMail                    // MAIL: a 2xx opens a transaction
+	kindData                    // DATA: a 354 starts the message content
+	kindDataEnd                 // the line "." that ends the content: its reply ends the transaction
+	kindBDAT                    // BDAT without LAST, with its chunk
+	kindBDATLast                // BDAT LAST, with its chunk: its reply ends the transaction
+	kindReset                   // RSET, EHLO, HELO: a 2xx ends any transaction
+	kindRcpt                    // RCPT: a 2xx accepts a recipient
+	kindAuth                    // AUTH: 235 authenticates, 334 asks for a SASL line
+	kindSASL                    // a SASL line that answers a 334 (never a command)
+	kindEdgeEHLO                // the edge's own EHLO: its reply is the edge's, never the client's
+	kindEdgeXCLIENT             // the edge's own XCLIENT: likewise
 )
 
 // maxAuthLine bounds how much of an AUTH command or SASL line is kept to
@@ -33,41 +34,86 @@ const (
 // command line limit. The user name of a longer one is not reported.
 const maxAuthLine = 512
 
-// bodyState is where the scan of message content after DATA stands in the
-// search for the line "." (RFC 5321 4.1.1.4: CRLF "." CRLF).
+// bodyState is where the reading of message content after DATA stands in
+// the search for its end.
 type bodyState uint8
 
 const (
-	bodyLineStart bodyState = iota // after CRLF, or at the start of the content
+	bodyLineStart bodyState = iota // after a CRLF, or at the start of the content
 	bodyMid
 	bodyCR
-	bodyDot
-	bodyDotCR
+	bodyDot       // "." at a line start
+	bodyDotCR     // "." CR at a line start
+	bodyBareStart // normalising: after a bare CR or LF, turned into CRLF
+	bodyBareDot   // normalising: "." after a bare line end
+	bodyBareDotCR // normalising: "." CR after a bare line end
+	bodyPendingCR // normalising: a CR whose LF may follow
 )
 
-// transactionTracker follows the session after TLS closely enough to tell
-// when it is between mail transactions, which is when a shutdown may end it
-// with 421 without losing a message or half-accepting one. It observes the
-// client's bytes as the relay passes them on (they are never copied, held or
-// changed) for command boundaries, message content after DATA and BDAT
-// chunks, and counts the backend's replies against the commands. The backend
-// frames the same stream the same way; whenever the counts disagree (a reply
-// that answers nothing, too many commands in flight) the tracker gives up
-// and the session is only ended when the shutdown grace period is over.
+// queued is a command in the session's queue, in the order the backend gets
+// it: forwarded (its reply comes from the backend), answered by the edge
+// (answer holds its reply, sent when every reply before it has been), or
+// the edge's own (its reply is consumed, never shown).
+type queued struct {
+	kind   commandKind
+	answer []byte
+}
+
+// edgeAnswers are the replies the edge gives in place of the backend.
+type edgeAnswers struct {
+	authRequired []byte // MAIL, RCPT, DATA, BDAT before AUTH, with require_auth
+	notAllowed   []byte // a client's XCLIENT, XFORWARD
+	tlsActive    []byte // STARTTLS inside TLS
+}
+
+var defaultEdgeAnswers = edgeAnswers{
+	authRequired: []byte("530 5.7.0 Authentication required\r\n"),
+	notAllowed:   []byte("502 5.5.1 Command not implemented\r\n"),
+	tlsActive:    []byte("503 5.5.1 TLS already active\r\n"),
+}
+
+// transactionTracker is the edge's one reading of the session after TLS,
+// and the queue of its commands. It reads the client's bytes as the
+// backend will (command lines, message content after DATA's 354 up to its
+// end, BDAT chunks by their counted size, the SASL lines of an AUTH
+// exchange) and writes what the backend gets: the same bytes, with every
+// line end a CRLF when it normalises (a bare LF or bare CR becomes CRLF, and
+// a "." line that is not CRLF "." CRLF stays content, stuffed as "..", so
+// that no backend can end a message where the edge does not), and without
+// the commands the edge answers itself. Every command is queued, and the
+// backend's replies (reply) are counted against the queue; answers of the
+// edge are released in command order (RFC 2920).
+//
+// Where the meaning of what follows depends on a reply (after DATA, AUTH,
+// a SASL line, the edge's own commands) the tracker reads no further until
+// that reply has come: waiting reports it. A reply that answers nothing
+// sent, or that cannot answer the command it pairs with, makes the state
+// unknown (lost).
 type transactionTracker struct {
-	pending []commandKind // commands sent, in order, whose replies are due
-	head    int           // pending[head:] are due
+	queue []queued // commands sent, in order
+	head  int      // queue[head:] await their replies
+
+	normalize   bool // turn bare CR and LF into CRLF (see above)
+	requireAuth bool // refuse mail commands until AUTH succeeds
+	authed      bool // AUTH succeeded, or the client's certificate was verified
+	edge        *edgeAnswers
 
 	line    [32]byte // the start of the command line being read: enough for "BDAT <size> LAST"
 	lineLen int      // the length of that line so far
+	decided bool     // whether the line in progress is forwarded or answered is known
+	drop    bool     // the line in progress is answered by the edge: its bytes go nowhere
+	answer  []byte   // that answer
+	skipLF  bool     // a CR ended the last line: an LF right after it belongs to it
 
 	inBody    bool // in message content after DATA's 354
 	body      bodyState
 	chunkLeft int64 // bytes of a BDAT chunk still to come
 	chunkKind commandKind
+	chunkDrop bool // the chunk's BDAT was answered by the edge: its bytes go nowhere
 
+	barrier       bool // nothing more is read until the reply to the last command
 	inTransaction bool // a MAIL command was accepted and its transaction has not ended
-	lost          bool // the counts disagreed; the state is unknown
+	lost          bool // the replies did not pair with the commands; the state is unknown
 
 	// the AUTH exchange in progress: the next line answers a 334
 	sasl     bool
@@ -75,8 +121,22 @@ type transactionTracker struct {
 	saslStep int    // the SASL lines of the exchange so far
 	authLine []byte // an AUTH command or SASL line longer than line, kept up to maxAuthLine
 	authUser string // the user name the exchange gave, once known
+	// the AUTH exchanges that ended since the relay last looked: failed
+	// (535) and succeeded (235), for the password guard
+	authFailed, authSucceeded int
+	failedUser                string // the user name of the last failed exchange
 
 	ehloPending string // the name of an EHLO or HELO awaiting its reply
+
+	answers []byte // answers of the edge whose turn has come, for the client
+
+	greetingOK bool // the backend's greeting was 2xx (set by the reply filter)
+
+	// the edge's own commands: the reply code, and of the EHLO reply the
+	// attributes of its XCLIENT keyword
+	edgeCode     [3]byte
+	xclientAttrs string
+	xclientSeen  bool
 
 	facts sessionFacts
 }
@@ -92,6 +152,8 @@ type sessionFacts struct {
 	user          string // the user name of the successful AUTH, when the mechanism names one
 	messages      int    // messages accepted (250 to the end of DATA or to BDAT LAST)
 	recipients    int    // recipients accepted (2xx to RCPT)
+	refused       int    // commands the edge answered itself instead of the backend
+	bareLineEnds  int    // bare CRs and LFs turned into CRLF
 }
 
 // saslMechanism is an AUTH mechanism whose user name the tracker can read.
@@ -108,53 +170,175 @@ const (
 // client sent awaits a reply, no message content is on its way, and no
 // transaction is open.
 func (t *transactionTracker) idle() bool {
-	return !t.lost && t.head == len(t.pending) && !t.inBody && t.chunkLeft == 0 && !t.inTransaction
+	return !t.lost && t.head == len(t.queue) && !t.inBody && t.chunkLeft == 0 && !t.inTransaction && len(t.answers) == 0
 }
+
+// waiting reports whether the tracker reads no further until a reply has
+// come.
+func (t *transactionTracker) waiting() bool { return t.barrier && !t.lost }
 
 // awaitingEnd reports whether the end of a message has been passed to the
 // backend and its reply is due: ending the session now could leave the
 // client without the answer to a message the backend accepts.
 func (t *transactionTracker) awaitingEnd() bool {
-	for _, k := range t.pending[t.head:] {
-		if k == kindDataEnd || k == kindBDATLast {
+	for _, q := range t.queue[t.head:] {
+		if q.kind == kindDataEnd || q.kind == kindBDATLast {
 			return true
 		}
 	}
 	return t.lost
 }
 
-// client observes bytes the client sent, as they go to the backend.
-func (t *transactionTracker) client(p []byte) {
-	for len(p) > 0 && !t.lost {
+// client reads the client's bytes p and appends to dst what the backend
+// gets for them. It returns dst and how many bytes of p it read: fewer than
+// all when it must wait for a reply before it can read on (waiting).
+func (t *transactionTracker) client(dst, p []byte) ([]byte, int) {
+	n := 0
+	for n < len(p) {
+		if t.skipLF && !t.barrier {
+			t.skipLF = false
+			if p[n] == '\n' {
+				n++
+				continue
+			}
+			t.bare()
+		}
+		if t.lost {
+			// the reading is unknown: pass the bytes as they are
+			return append(dst, p[n:]...), len(p)
+		}
+		if t.barrier || len(t.queue)-t.head >= maxTrackedCommands {
+			t.barrier = true
+			return dst, n
+		}
+		var used int
 		switch {
 		case t.chunkLeft > 0:
-			n := int64(len(p))
-			if n > t.chunkLeft {
-				n = t.chunkLeft
+			used = int(min(int64(len(p)-n), t.chunkLeft))
+			if !t.chunkDrop {
+				dst = append(dst, p[n:n+used]...)
 			}
-			t.chunkLeft -= n
-			p = p[n:]
+			t.chunkLeft -= int64(used)
 			if t.chunkLeft == 0 {
-				t.push(t.chunkKind)
+				t.chunkDone()
 			}
 		case t.inBody:
-			n, ended := t.scanBody(p)
-			p = p[n:]
-			if ended {
-				t.inBody = false
-				t.push(kindDataEnd)
-			}
+			dst, used = t.content(dst, p[n:])
 		default:
-			i := bytes.IndexByte(p, '\n')
-			if i < 0 {
-				t.appendLine(p)
-				return
-			}
-			t.appendLine(p[:i])
-			p = p[i+1:]
-			t.command()
+			dst, used = t.commandBytes(dst, p[n:])
+		}
+		n += used
+	}
+	return dst, n
+}
+
+// commandBytes reads command (or SASL) line bytes up to the end of the first
+// line in p.
+func (t *transactionTracker) commandBytes(dst, p []byte) ([]byte, int) {
+	var i int
+	if t.normalize {
+		i = indexLineEnd(p)
+	} else {
+		i = bytes.IndexByte(p, '\n')
+	}
+	if i < 0 {
+		return t.lineBytes(dst, p), len(p)
+	}
+	dst = t.lineBytes(dst, p[:i])
+	if !t.decided {
+		dst = t.decide(dst)
+	}
+	used := i + 1
+	switch {
+	case !t.normalize:
+		if !t.drop {
+			dst = append(dst, '\n')
+		}
+	case p[i] == '\n':
+		t.bare()
+	case used < len(p) && p[used] == '\n':
+		used++
+	case used < len(p):
+		t.bare()
+	default:
+		t.skipLF = true // the next read says whether the CR was bare
+	}
+	if t.normalize && !t.drop {
+		dst = append(dst, '\r', '\n')
+	}
+	t.command()
+	return dst, used
+}
+
+// indexLineEnd is the index of the first CR or LF in p, or -1.
+func indexLineEnd(p []byte) int {
+	i := bytes.IndexByte(p, '\n')
+	if i < 0 {
+		i = len(p)
+	}
+	if j := bytes.IndexByte(p[:i], '\r'); j >= 0 {
+		return j
+	}
+	if i == len(p) {
+		return -1
+	}
+	return i
+}
+
+// lineBytes takes bytes of the line in progress (no line end among them):
+// they are held until it is known whether the line goes to the backend,
+// then passed on as they come.
+func (t *transactionTracker) lineBytes(dst, p []byte) []byte {
+	held := t.lineLen
+	t.appendLine(p)
+	if t.decided {
+		if !t.drop {
+			dst = append(dst, p...)
+		}
+		return dst
+	}
+	if t.sasl || bytes.IndexByte(t.line[:min(t.lineLen, len(t.line))], ' ') >= 0 || t.lineLen >= len(t.line) {
+		dst = t.decide(dst)
+		if !t.drop && t.lineLen > len(t.line) {
+			// what did not fit in line comes from p
+			dst = append(dst, p[max(0, len(t.line)-held):]...)
 		}
 	}
+	return dst
+}
+
+// decide chooses, from the start of the line, whether the edge answers it
+// or the backend gets it, and passes on what was held.
+func (t *transactionTracker) decide(dst []byte) []byte {
+	t.decided = true
+	if !t.sasl {
+		t.answer = t.edgeAnswer(t.line[:min(t.lineLen, len(t.line))])
+	}
+	t.drop = t.answer != nil
+	if !t.drop {
+		dst = append(dst, t.line[:min(t.lineLen, len(t.line))]...)
+	}
+	return dst
+}
+
+// edgeAnswer is the edge's own answer to a command line that starts with
+// line, or nil when the backend answers it.
+func (t *transactionTracker) edgeAnswer(line []byte) []byte {
+	if t.edge == nil {
+		return nil
+	}
+	verb, _, _ := bytes.Cut(line, []byte(" "))
+	verb = bytes.TrimRight(verb, "\r")
+	switch {
+	case bytes.EqualFold(verb, []byte("STARTTLS")):
+		return t.edge.tlsActive
+	case bytes.EqualFold(verb, []byte("XCLIENT")), bytes.EqualFold(verb, []byte("XFORWARD")):
+		return t.edge.notAllowed
+	case t.requireAuth && !t.authed && (bytes.EqualFold(verb, []byte("MAIL")) || bytes.EqualFold(verb, []byte("RCPT")) ||
+		bytes.EqualFold(verb, []byte("DATA")) || bytes.EqualFold(verb, []byte("BDAT"))):
+		return t.edge.authRequired
+	}
+	return nil
 }
 
 // appendLine keeps the start of the command line, and the whole of an
@@ -190,10 +374,11 @@ func (t *transactionTracker) wholeLine() (line []byte, whole bool) {
 	return t.line[:], false
 }
 
-// command classifies the command line just completed.
+// command queues the command line just completed.
 func (t *transactionTracker) command() {
 	line, whole := t.wholeLine()
-	t.lineLen = 0
+	answer := t.answer
+	t.lineLen, t.decided, t.drop, t.answer = 0, false, false, nil
 	defer clear(t.authLine) // it may hold a password
 	t.authLine = t.authLine[:0]
 	line = bytes.TrimRight(line, "\r")
@@ -202,14 +387,29 @@ func (t *transactionTracker) command() {
 		t.saslLine(line, whole)
 		clear(t.line[:]) // it may hold a password
 		t.push(kindSASL)
+		t.barrier = true
 		return
 	}
 	verb, args, _ := bytes.Cut(line, []byte(" "))
+	if answer != nil {
+		if bytes.EqualFold(verb, []byte("BDAT")) && whole {
+			// the chunk that follows is read and dropped (RFC 3030)
+			if size, _, ok := parseBDAT(args); ok && size > 0 {
+				t.chunkLeft, t.chunkDrop = size, true
+			}
+		}
+		t.facts.refused++
+		t.push(kindOther)
+		t.queue[len(t.queue)-1].answer = answer
+		t.release()
+		return
+	}
 	switch {
 	case bytes.EqualFold(verb, []byte("MAIL")):
 		t.push(kindMail)
 	case bytes.EqualFold(verb, []byte("DATA")) && whole && len(bytes.TrimSpace(args)) == 0:
 		t.push(kindData)
+		t.barrier = true // content or commands: the reply says
 	case bytes.EqualFold(verb, []byte("BDAT")) && whole:
 		size, last, ok := parseBDAT(args)
 		if !ok {
@@ -220,9 +420,9 @@ func (t *transactionTracker) command() {
 		if last {
 			t.chunkKind = kindBDATLast
 		}
-		t.chunkLeft = size
+		t.chunkLeft, t.chunkDrop = size, false
 		if size == 0 {
-			t.push(t.chunkKind)
+			t.chunkDone()
 		}
 	case bytes.EqualFold(verb, []byte("EHLO")), bytes.EqualFold(verb, []byte("HELO")):
 		if whole {
@@ -237,9 +437,19 @@ func (t *transactionTracker) command() {
 		t.startAuth(args, whole)
 		clear(t.line[:]) // an initial response may hold a password
 		t.push(kindAuth)
+		t.barrier = true // SASL lines or commands: the reply says
 	default:
 		t.push(kindOther)
 	}
+}
+
+// chunkDone queues a BDAT whose chunk has been read.
+func (t *transactionTracker) chunkDone() {
+	if t.chunkDrop {
+		t.chunkDrop = false // its answer is queued already
+		return
+	}
+	t.push(t.chunkKind)
 }
 
 // parseBDAT reads "<size>" or "<size> LAST" (RFC 3030).
@@ -258,8 +468,27 @@ func parseBDAT(args []byte) (size int64, last bool, ok bool) {
 	return size, last, true
 }
 
-// scanBody looks for the end of message content in p. It returns how many
-// bytes of p belong to the content, and whether they include its end.
+// content reads message content, up to and including its end when p holds
+// it, and appends what the backend gets to dst.
+func (t *transactionTracker) content(dst, p []byte) ([]byte, int) {
+	var n int
+	var ended bool
+	if t.normalize {
+		dst, n, ended = t.normalizeContent(dst, p)
+	} else {
+		n, ended = t.scanBody(p)
+		dst = append(dst, p[:n]...)
+	}
+	if ended {
+		t.inBody = false
+		t.push(kindDataEnd)
+	}
+	return dst, n
+}
+
+// scanBody looks for the end of message content (CRLF "." CRLF, RFC 5321
+// 4.1.1.4) in p, without normalising. It returns how many bytes of p belong
+// to the content, and whether they include its end.
 func (t *transactionTracker) scanBody(p []byte) (int, bool) {
 	for i := 0; i < len(p); {
 		switch t.body {
@@ -309,15 +538,157 @@ func (t *transactionTracker) scanBody(p []byte) (int, bool) {
 	return len(p), false
 }
 
+// normalizeContent reads message content as normalising asks: every bare CR
+// and bare LF becomes CRLF, and only CRLF "." CRLF, as the client sent it,
+// ends the content; a "." line with any other line end on either side is
+// content, stuffed as ".." so that the backend reads it as the line ".". A
+// "." at a line start is held until the next bytes show which it is.
+func (t *transactionTracker) normalizeContent(dst, p []byte) ([]byte, int, bool) {
+	i := 0
+	for i < len(p) {
+		c := p[i]
+		switch t.body {
+		case bodyMid:
+			// the bulk of the content: up to the next CR or LF at once
+			j := indexLineEnd(p[i:])
+			if j < 0 {
+				return append(dst, p[i:]...), len(p), false
+			}
+			dst = append(dst, p[i:i+j]...)
+			i += j
+			c = p[i]
+			if c == '\n' {
+				t.bare()
+				dst = append(dst, '\r', '\n')
+				t.body = bodyBareStart
+			} else {
+				t.body = bodyPendingCR
+			}
+		case bodyPendingCR:
+			if c == '\n' {
+				dst = append(dst, '\r', '\n')
+				t.body = bodyLineStart
+				break
+			}
+			t.bare()
+			dst = append(dst, '\r', '\n')
+			t.body = bodyBareStart
+			continue // c starts the next line
+		case bodyLineStart, bodyBareStart:
+			switch c {
+			case '.':
+				if t.body == bodyLineStart {
+					t.body = bodyDot
+				} else {
+					t.body = bodyBareDot
+				}
+			case '\r':
+				t.body = bodyPendingCR
+			case '\n':
+				t.bare()
+				dst = append(dst, '\r', '\n')
+				t.body = bodyBareStart
+			default:
+				t.body = bodyMid
+				continue
+			}
+		case bodyDot, bodyBareDot:
+			switch c {
+			case '\r':
+				if t.body == bodyDot {
+					t.body = bodyDotCR
+				} else {
+					t.body = bodyBareDotCR
+				}
+			case '\n':
+				// "." ended by a bare LF: content
+				t.bare()
+				dst = append(dst, "..\r\n"...)
+				t.body = bodyBareStart
+			default:
+				dst = append(dst, '.')
+				t.body = bodyMid
+				continue
+			}
+		case bodyDotCR, bodyBareDotCR:
+			if c == '\n' {
+				if t.body == bodyDotCR {
+					return append(dst, ".\r\n"...), i + 1, true
+				}
+				// CRLF "." after a bare line end: content
+				dst = append(dst, "..\r\n"...)
+				t.body = bodyLineStart
+				break
+			}
+			// "." ended by a bare CR: content
+			t.bare()
+			dst = append(dst, "..\r\n"...)
+			t.body = bodyBareStart
+			continue
+		}
+		i++
+	}
+	return dst, len(p), false
+}
+
+func (t *transactionTracker) bare() { t.facts.bareLineEnds++ }
+
 func (t *transactionTracker) push(k commandKind) {
-	if len(t.pending)-t.head >= maxTrackedCommands {
-		t.giveUp()
+	if t.head == len(t.queue) {
+		t.queue, t.head = t.queue[:0], 0
+	}
+	t.queue = append(t.queue, queued{kind: k})
+}
+
+// inject appends a command of the edge's own to dst and queues it: its
+// reply is the edge's (swallowing). Nothing more is read until it comes.
+func (t *transactionTracker) inject(dst []byte, line string, k commandKind) []byte {
+	t.push(k)
+	t.barrier = true
+	t.edgeCode = [3]byte{}
+	return append(append(dst, line...), '\r', '\n')
+}
+
+// swallowing reports whether the next reply answers a command of the
+// edge's own, and so is not the client's.
+func (t *transactionTracker) swallowing() bool {
+	if t.lost || t.head == len(t.queue) {
+		return false
+	}
+	k := t.queue[t.head].kind
+	return k == kindEdgeEHLO || k == kindEdgeXCLIENT
+}
+
+// swallowedLine reads a line of a reply that swallowing said is the edge's.
+func (t *transactionTracker) swallowedLine(line []byte) {
+	if t.queue[t.head].kind != kindEdgeEHLO || len(line) < 4 {
 		return
 	}
-	if t.head == len(t.pending) {
-		t.pending, t.head = t.pending[:0], 0
+	keyword, attrs, _ := bytes.Cut(bytes.TrimRight(line[4:], "\r\n"), []byte(" "))
+	if bytes.EqualFold(keyword, []byte("XCLIENT")) {
+		t.xclientSeen = true
+		t.xclientAttrs = string(attrs)
 	}
-	t.pending = append(t.pending, k)
+}
+
+// release moves the answers of the edge that are next in the queue to the
+// client's answers, and lets the reading go on once nothing is due.
+func (t *transactionTracker) release() {
+	for t.head < len(t.queue) && t.queue[t.head].answer != nil {
+		t.answers = append(t.answers, t.queue[t.head].answer...)
+		t.queue[t.head].answer = nil
+		t.head++
+	}
+	if t.head == len(t.queue) {
+		t.barrier = false
+	}
+}
+
+// takeAnswers appends the answers of the edge whose turn has come to dst.
+func (t *transactionTracker) takeAnswers(dst []byte) []byte {
+	dst = append(dst, t.answers...)
+	t.answers = t.answers[:0]
+	return dst
 }
 
 // reply observes the code of a complete reply from the backend (after its
@@ -326,13 +697,22 @@ func (t *transactionTracker) reply(code [3]byte) {
 	if t.lost {
 		return
 	}
-	if t.head == len(t.pending) {
+	if t.head == len(t.queue) {
 		t.giveUp() // a reply to nothing that was sent
 		return
 	}
-	k := t.pending[t.head]
+	k := t.queue[t.head].kind
 	t.head++
+	defer t.release()
 	positive := code[0] == '2'
+	switch {
+	case code == [3]byte{'3', '5', '4'} && k != kindData,
+		code == [3]byte{'3', '3', '4'} && k != kindAuth && k != kindSASL:
+		// an intermediate reply to a command that has none: the backend
+		// reads the stream differently
+		t.giveUp()
+		return
+	}
 	switch k {
 	case kindMail:
 		if positive {
@@ -344,6 +724,9 @@ func (t *transactionTracker) reply(code [3]byte) {
 		}
 	case kindDataEnd, kindBDATLast:
 		t.inTransaction = false
+		if positive {
+			t.facts.messages++
+		}
 	case kindReset:
 		if positive {
 			t.inTransaction = false
@@ -363,13 +746,19 @@ func (t *transactionTracker) reply(code [3]byte) {
 		case code == [3]byte{'2', '3', '5'}:
 			t.facts.authSuccesses++
 			t.facts.user = t.authUser
+			t.authed = true
+			t.authSucceeded++
 		default:
 			t.facts.authFailures++
+			if code == [3]byte{'5', '3', '5'} {
+				t.authFailed++
+				t.failedUser = t.authUser
+			}
 		}
+	case kindEdgeEHLO, kindEdgeXCLIENT:
+		t.edgeCode = code
 	}
-	if positive && (k == kindDataEnd || k == kindBDATLast) {
-		t.facts.messages++
-	}
+	t.release()
 }
 
 // startAuth begins an AUTH exchange: "AUTH <mechanism> [initial response]".
@@ -425,7 +814,15 @@ func (t *transactionTracker) saslLine(line []byte, whole bool) {
 	}
 }
 
+// giveUp marks the state unknown. The answers of the edge still queued are
+// released: they are due, and nothing can be paired any more.
 func (t *transactionTracker) giveUp() {
+	for _, q := range t.queue[t.head:] {
+		if q.answer != nil {
+			t.answers = append(t.answers, q.answer...)
+		}
+	}
 	t.lost = true
-	t.pending, t.head = nil, 0
+	t.barrier = false
+	t.queue, t.head = nil, 0
 }

@@ -15,16 +15,41 @@ type trackerStep struct {
 	idle  bool
 }
 
+// trackerFeed feeds a tracker as the relay does: client bytes it cannot
+// read yet (it waits for a reply) are held and fed again after each reply.
+type trackerFeed struct {
+	tr   *transactionTracker
+	held []byte
+	out  []byte // what the backend got
+}
+
+func (f *trackerFeed) client(p []byte) {
+	f.held = append(f.held, p...)
+	f.pump()
+}
+
+func (f *trackerFeed) reply(code string) {
+	f.tr.reply([3]byte{code[0], code[1], code[2]})
+	f.pump()
+}
+
+func (f *trackerFeed) pump() {
+	var n int
+	f.out, n = f.tr.client(f.out, f.held)
+	f.held = f.held[n:]
+}
+
 func runTracker(t *testing.T, steps []trackerStep) *transactionTracker {
 	t.Helper()
 	var tr transactionTracker
+	feed := trackerFeed{tr: &tr}
 	for i, step := range steps {
 		what, arg, _ := strings.Cut(step.event, ":")
 		switch what {
 		case "C":
-			tr.client([]byte(arg))
+			feed.client([]byte(arg))
 		case "S":
-			tr.reply([3]byte{arg[0], arg[1], arg[2]})
+			feed.reply(arg)
 		default:
 			t.Fatalf("bad step %q", step.event)
 		}
@@ -115,64 +140,110 @@ func TestTransactionTracker(t *testing.T) {
 
 func TestTransactionTrackerAwaitingEnd(t *testing.T) {
 	var tr transactionTracker
-	tr.client([]byte("MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n"))
+	feed := trackerFeed{tr: &tr}
+	feed.client([]byte("MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n"))
 	for range 2 {
-		tr.reply([3]byte{'2', '5', '0'})
+		feed.reply("250")
 	}
-	tr.reply([3]byte{'3', '5', '4'})
-	tr.client([]byte("body\r\n"))
+	feed.reply("354")
+	feed.client([]byte("body\r\n"))
 	if tr.awaitingEnd() {
 		t.Error("awaitingEnd() before the end of the content")
 	}
-	tr.client([]byte(".\r\n"))
+	feed.client([]byte(".\r\n"))
 	if !tr.awaitingEnd() {
 		t.Error("awaitingEnd() = false after the end of the content")
 	}
-	tr.reply([3]byte{'4', '5', '1'})
+	feed.reply("451")
 	if tr.awaitingEnd() || !tr.idle() {
 		t.Errorf("after the reply to the content: awaitingEnd %v, idle %v; want false, true", tr.awaitingEnd(), tr.idle())
 	}
 }
 
-func TestTransactionTrackerGivesUpOnTooManyCommands(t *testing.T) {
+// TestTransactionTrackerWaitsOnTooManyCommands: a client with more
+// commands in flight than are tracked is read no further until replies
+// come, and nothing is lost.
+func TestTransactionTrackerWaitsOnTooManyCommands(t *testing.T) {
 	var tr transactionTracker
-	tr.client([]byte(strings.Repeat("NOOP\r\n", maxTrackedCommands+1)))
-	for range maxTrackedCommands + 1 {
-		tr.reply([3]byte{'2', '5', '0'})
+	feed := trackerFeed{tr: &tr}
+	feed.client([]byte(strings.Repeat("NOOP\r\n", maxTrackedCommands+1)))
+	if !tr.waiting() || len(feed.held) != len("NOOP\r\n") {
+		t.Fatalf("waiting %v with %d bytes held, want the last NOOP held", tr.waiting(), len(feed.held))
 	}
-	if tr.idle() {
-		t.Error("idle() after more commands in flight than are tracked")
+	for range maxTrackedCommands + 1 {
+		feed.reply("250")
+	}
+	if !tr.idle() || len(feed.held) != 0 {
+		t.Errorf("idle %v with %d bytes held after every reply", tr.idle(), len(feed.held))
 	}
 }
 
-// FuzzTransactionTracker checks that what the tracker concludes does not
-// depend on how the client's bytes are cut into reads, in commands, BDAT
-// chunks and (starting in it) message content.
+// FuzzTransactionTracker checks that what the tracker concludes, and what
+// the backend gets, does not depend on how the client's bytes are cut into
+// reads: in commands, BDAT chunks and (starting in it) message content,
+// normalising or not, with the edge's answers or not. The replies are
+// scripted: each time the tracker waits, the next code in replies answers.
 func FuzzTransactionTracker(f *testing.F) {
-	f.Add([]byte("MAIL FROM:<a@x>\r\nDATA\r\nBDAT 3 LAST\r\nabcNOOP\r\n"), []byte{3, 1, 7, 2, 40}, false)
-	f.Add([]byte("x\r\n.\r\r\n..\r\n.\r\nNOOP\n"), []byte{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, true)
-	f.Add([]byte("EHLO c.example\r\nAUTH PLAIN "+b64("\x00"+strings.Repeat("u", 40)+"\x00pw")+"\r\nRCPT TO:<b@x>\r\n"), []byte{5, 30, 2, 9}, false)
-	f.Fuzz(func(t *testing.T, client, cuts []byte, content bool) {
-		whole := &transactionTracker{inBody: content}
-		pieces := &transactionTracker{inBody: content}
+	f.Add([]byte("MAIL FROM:<a@x>\r\nDATA\r\nBDAT 3 LAST\r\nabcNOOP\r\n"), []byte{3, 1, 7, 2, 40}, false, uint8(0))
+	f.Add([]byte("x\r\n.\r\r\n..\r\n.\r\nNOOP\n"), []byte{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, true, uint8(1))
+	f.Add([]byte("EHLO c.example\r\nAUTH PLAIN "+b64("\x00"+strings.Repeat("u", 40)+"\x00pw")+"\r\nRCPT TO:<b@x>\r\n"), []byte{5, 30, 2, 9}, false, uint8(3))
+	f.Add([]byte("a\n.\nMAIL FROM:<x>\r\n\r.\r\r\n.\r\nXCLIENT ADDR=1.2.3.4\rBDAT 2\r\nxyDATA\r\n"), []byte{2, 3, 1, 1, 5}, true, uint8(3))
+	f.Fuzz(func(t *testing.T, client, cuts []byte, content bool, mode uint8) {
+		run := func(pieces [][]byte) (string, []byte) {
+			tr := &transactionTracker{inBody: content, normalize: mode&1 != 0, requireAuth: mode&2 != 0}
+			if mode&2 != 0 {
+				tr.edge = &defaultEdgeAnswers
+			}
+			feed := trackerFeed{tr: tr}
+			replies := []string{"250", "354", "334", "235", "250", "354", "535", "250"}
+			for _, p := range pieces {
+				feed.client(p)
+				for i := 0; tr.waiting() && i < len(replies); i++ {
+					feed.reply(replies[i])
+				}
+			}
+			return summary(tr), feed.out
+		}
+		var pieces [][]byte
 		rest := client
 		for _, c := range cuts {
 			n := min(int(c), len(rest))
-			pieces.client(rest[:n])
+			pieces = append(pieces, rest[:n])
 			rest = rest[n:]
 		}
-		pieces.client(rest)
-		whole.client(client)
-		if summary(whole) != summary(pieces) {
-			t.Fatalf("whole: %s\npieces: %s", summary(whole), summary(pieces))
+		pieces = append(pieces, rest)
+		wholeState, wholeOut := run([][]byte{client})
+		piecesState, piecesOut := run(pieces)
+		if wholeState != piecesState {
+			t.Fatalf("whole: %s\npieces: %s", wholeState, piecesState)
+		}
+		if !bytes.Equal(wholeOut, piecesOut) {
+			t.Fatalf("the backend got\n%q whole,\n%q in pieces", wholeOut, piecesOut)
+		}
+		if mode&1 != 0 && content {
+			checkNormalized(t, wholeOut)
 		}
 	})
 }
 
+// checkNormalized: what a normalising tracker passes on has no bare CR or
+// LF outside BDAT chunks.
+func checkNormalized(t *testing.T, out []byte) {
+	t.Helper()
+	if bytes.Contains(out, []byte("BDAT")) {
+		return // chunks pass unchanged
+	}
+	for i, c := range out {
+		if (c == '\r' && (i+1 == len(out) || out[i+1] != '\n')) || (c == '\n' && (i == 0 || out[i-1] != '\r')) {
+			t.Fatalf("bare line end at %d in %q", i, out)
+		}
+	}
+}
+
 func summary(tr *transactionTracker) string {
-	return fmt.Sprintf("pending %v body %v/%d chunk %d/%d line %d txn %v lost %v facts %+v sasl %v/%d/%d user %q",
-		tr.pending[tr.head:], tr.inBody, tr.body, tr.chunkLeft, tr.chunkKind, tr.lineLen, tr.inTransaction, tr.lost,
-		tr.facts, tr.sasl, tr.saslMech, tr.saslStep, tr.authUser+"|"+tr.ehloPending)
+	return fmt.Sprintf("queue %v body %v/%d chunk %d/%d/%v line %d txn %v lost %v wait %v facts %+v sasl %v/%d/%d user %q answers %q",
+		tr.queue[tr.head:], tr.inBody, tr.body, tr.chunkLeft, tr.chunkKind, tr.chunkDrop, tr.lineLen, tr.inTransaction, tr.lost,
+		tr.barrier, tr.facts, tr.sasl, tr.saslMech, tr.saslStep, tr.authUser+"|"+tr.ehloPending, tr.answers)
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
@@ -220,12 +291,13 @@ func TestTrackerFacts(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var tr transactionTracker
+			feed := trackerFeed{tr: &tr}
 			for _, e := range tt.events {
 				what, arg, _ := strings.Cut(e, ":")
 				if what == "C" {
-					tr.client([]byte(arg))
+					feed.client([]byte(arg))
 				} else {
-					tr.reply([3]byte{arg[0], arg[1], arg[2]})
+					feed.reply(arg)
 				}
 			}
 			if tr.facts != tt.want {
