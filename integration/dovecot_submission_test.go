@@ -3,6 +3,7 @@ package integration
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/pem"
 	"fmt"
 	"net"
@@ -12,14 +13,23 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/pires/go-proxyproto"
+	"github.com/pires/go-proxyproto/tlvparse"
 )
 
 // TestDovecotSubmissionBehindEdge runs Dovecot's submission service behind
-// the edge with examples/dovecot-submission/dovecot.conf, in a Dovecot whose
-// other services require TLS (ssl = required): PROXY v2 and v1 from the smtp
-// handler's backend option and from caddy-l4's proxy, AUTH PLAIN and LOGIN
-// after TLS, a wrong password, and the client's own address in Dovecot's log
-// and in the Received: header of the message it relays to a go-smtp server.
+// the edge with examples/dovecot-submission/dovecot.conf, in a Dovecot that
+// requires TLS (ssl = required, and disable_plaintext_auth at its default,
+// yes) for the example's listener too. Through the smtp handler's PROXY v2,
+// whose SSL TLV says the client used TLS: AUTH PLAIN and LOGIN, a wrong
+// password, and the client's own address in Dovecot's log and in the
+// Received: header of the message it relays to a go-smtp server. Through the
+// headers without the TLV (the smtp handler's PROXY v1, caddy-l4's proxy
+// with v1 and v2): no AUTH. And with headers the test writes itself to
+// Dovecot's listener, which differ only in the SSL TLV: the TLV alone is
+// what makes Dovecot accept AUTH.
 func TestDovecotSubmissionBehindEdge(t *testing.T) {
 	requireRootMTA(t, map[string]string{"dovecot": "dovecot-core", "/usr/lib/dovecot/submission": "dovecot-submissiond"})
 	dir := mtaTempDir(t)
@@ -30,8 +40,8 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 
 	dovecot := startDovecotAuth(t, filepath.Join(dir, "dovecot"),
 		map[string]string{postfixUser: postfixPassword},
-		// the rest of this Dovecot requires TLS, as a production one
-		// would for IMAP: the example must work inside it
+		// this Dovecot requires TLS, as a production one would: the
+		// example's listener too, with no override
 		dovecotRequireTLS(t, filepath.Join(dir, "tls"))+
 			readExample(t, "dovecot-submission/dovecot.conf", map[string]string{
 				"port = 10587":                  "port = " + submissionPort,
@@ -49,10 +59,114 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 	proc, edges := startProxyEdges(t, submissionAddr)
 	cfg := proc.tlsConfig(firstHost)
 
-	logins := map[string]int{} // successful sessions so far, per mechanism
-	for w, way := range relayWays {
-		t.Run(string(way), func(t *testing.T) {
-			testDovecotSubmission(t, dovecot, sink, cfg, edges[way], logins, wayIP(w, 8))
+	// the smtp handler's PROXY v2 carries the SSL TLV; v1 has no room for
+	// it, and caddy-l4's proxy sends none
+	var withTLV, withoutTLV []postfixListener
+	for _, way := range relayWays {
+		for _, l := range edges[way] {
+			if way == viaBackend && l.proxyProtocol == "v2" {
+				withTLV = append(withTLV, l)
+			} else {
+				withoutTLV = append(withoutTLV, l)
+			}
+		}
+	}
+	t.Run(string(viaBackend)+"/PROXY v2", func(t *testing.T) {
+		testDovecotSubmission(t, dovecot, sink, cfg, withTLV, map[string]int{}, wayIP(0, 8))
+	})
+	for _, l := range withoutTLV {
+		t.Run("no SSL TLV/"+string(l.via)+"/"+l.String(), func(t *testing.T) {
+			c := dialFrom(t, l.listener, cfg, clientIP)
+			testDovecotRefusesAuth(t, c)
+		})
+	}
+	t.Run("the SSL TLV alone", func(t *testing.T) {
+		testDovecotSSLTLV(t, dovecot, submissionAddr)
+	})
+}
+
+// testDovecotRefusesAuth checks that Dovecot, on a session it takes for one
+// without TLS, offers no AUTH after EHLO and answers AUTH PLAIN with the
+// right password with 530 (ssl = required), and that c's session goes on.
+func testDovecotRefusesAuth(t *testing.T, c *smtp.Client) {
+	t.Helper()
+	if ok, mechs := c.Extension("AUTH"); ok {
+		t.Errorf("Dovecot offers AUTH %s on a session it should take for plaintext", mechs)
+	}
+	if code, msg := authSteps(t, c.Text, []string{"AUTH PLAIN " + plainResponse()}); code != 530 {
+		t.Errorf("AUTH PLAIN: %d %s, want Dovecot's 530 (TLS required)", code, msg)
+	}
+	if err := c.Quit(); err != nil {
+		t.Errorf("QUIT: %v", err)
+	}
+}
+
+// plainResponse is the AUTH PLAIN initial response for postfixUser and the
+// right password.
+func plainResponse() string {
+	return base64.StdEncoding.EncodeToString([]byte("\x00" + postfixUser + "\x00" + postfixPassword))
+}
+
+// testDovecotSSLTLV connects to Dovecot's listener itself, from the edge's
+// address, and sends PROXY v2 headers that differ only in a PP2_TYPE_SSL
+// TLV with the client-SSL bit: without it, no AUTH and 530; with it, AUTH
+// offered and 235, and Dovecot logs the login with the header's address.
+func testDovecotSSLTLV(t *testing.T, dovecot *dovecotAuth, addr string) {
+	for _, tc := range []struct {
+		name string
+		ssl  bool
+		ip   string // the client's address in the header
+	}{
+		{"without", false, "127.0.0.50"},
+		{"with", true, "127.0.0.51"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			_ = conn.SetDeadline(time.Now().Add(ioTimeout))
+			header := proxyproto.HeaderProxyFromAddrs(2,
+				&net.TCPAddr{IP: net.ParseIP(tc.ip), Port: 40000},
+				&net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 465})
+			if tc.ssl {
+				ssl, err := tlvparse.PP2SSL{
+					Client: tlvparse.PP2_BITFIELD_CLIENT_SSL,
+					Verify: 1,
+					TLV:    []proxyproto.TLV{{Type: proxyproto.PP2_SUBTYPE_SSL_VERSION, Value: []byte("TLSv1.3")}},
+				}.Marshal()
+				if err == nil {
+					err = header.SetTLVs([]proxyproto.TLV{ssl})
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := header.WriteTo(conn); err != nil {
+				t.Fatal(err)
+			}
+			c, err := smtp.NewClient(conn, "dovecot.localhost")
+			if err != nil {
+				t.Fatalf("greeting: %v", err)
+			}
+			if err := c.Hello("client.localhost"); err != nil {
+				t.Fatalf("EHLO: %v", err)
+			}
+			if !tc.ssl {
+				testDovecotRefusesAuth(t, c)
+				return
+			}
+			if ok, mechs := c.Extension("AUTH"); !ok || !strings.Contains(mechs, "PLAIN") {
+				t.Errorf("EHLO offers AUTH %q (present: %v), want PLAIN", mechs, ok)
+			}
+			if code, msg := authSteps(t, c.Text, []string{"AUTH PLAIN " + plainResponse()}); code != 235 {
+				t.Fatalf("AUTH PLAIN: %d %s, want 235", code, msg)
+			}
+			dovecot.log.wait(t, regexp.MustCompile(`submission-login: .*\bLogin: user=<`+postfixUser+`>, method=PLAIN, rip=`+regexp.QuoteMeta(tc.ip)+`,`))
+			if err := c.Quit(); err != nil {
+				t.Errorf("QUIT: %v", err)
+			}
 		})
 	}
 }
@@ -107,7 +221,7 @@ func testDovecotSubmission(t *testing.T, dovecot *dovecotAuth, sink *mtaSink, cf
 
 // dovecotRequireTLS writes a self-signed certificate into dir and returns
 // the global settings of a Dovecot that requires TLS for every login
-// (ssl = required), which the example must override for its listener.
+// (ssl = required), which the example leaves as they are.
 func dovecotRequireTLS(t *testing.T, dir string) string {
 	t.Helper()
 	cert := selfSignedCert(t, "dovecot.localhost")

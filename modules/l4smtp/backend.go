@@ -8,9 +8,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/mholt/caddy-l4/layer4"
-	"github.com/mholt/caddy-l4/modules/l4proxyprotocol"
-	"github.com/pires/go-proxyproto"
 	"go.uber.org/zap"
 )
 
@@ -82,14 +79,13 @@ func parseBackend(s string) (backendAddr, error) {
 // left, so that one that drops packets (rather than refusing) does not use
 // up the time of the addresses after it.
 func (h *Handler) dialBackend(sess *session, start time.Time) (net.Conn, error) {
-	cx := sess.cx
 	deadline := start.Add(h.timeout.backend)
 	var dialer net.Dialer
 	var errs []error
 	for i, addr := range h.backends {
 		left := len(h.backends) - i
 		share := time.Until(deadline) / time.Duration(left)
-		up, err := h.dialOne(&dialer, cx, addr, time.Now().Add(share))
+		up, err := h.dialOne(&dialer, sess, addr, time.Now().Add(share))
 		if err == nil {
 			sess.backend = addr.address
 			return up, nil
@@ -107,7 +103,7 @@ func (h *Handler) dialBackend(sess *session, start time.Time) (net.Conn, error) 
 
 // dialOne dials one backend address and sends the PROXY header, by the
 // deadline.
-func (h *Handler) dialOne(dialer *net.Dialer, cx *layer4.Connection, addr backendAddr, deadline time.Time) (net.Conn, error) {
+func (h *Handler) dialOne(dialer *net.Dialer, sess *session, addr backendAddr, deadline time.Time) (net.Conn, error) {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	start := time.Now()
@@ -117,24 +113,10 @@ func (h *Handler) dialOne(dialer *net.Dialer, cx *layer4.Connection, addr backen
 		return nil, err
 	}
 	if h.proxyProtocol != 0 {
-		if err := h.writeProxyHeader(cx, up, deadline); err != nil {
+		if err := h.writeProxyHeader(sess, up, deadline); err != nil {
 			_ = up.Close()
 			return nil, err
 		}
 	}
 	return up, nil
-}
-
-// writeProxyHeader tells the backend who the client is. The addresses are
-// those of the client connection, or those a proxy_protocol handler in front
-// of this one has read.
-func (h *Handler) writeProxyHeader(cx *layer4.Connection, up net.Conn, deadline time.Time) error {
-	client := l4proxyprotocol.GetConn(cx)
-	header := proxyproto.HeaderProxyFromAddrs(byte(h.proxyProtocol), client.RemoteAddr(), client.LocalAddr())
-	_ = up.SetWriteDeadline(deadline)
-	defer func() { _ = up.SetWriteDeadline(time.Time{}) }()
-	if _, err := header.WriteTo(up); err != nil {
-		return fmt.Errorf("writing the PROXY header to %s: %w", up.RemoteAddr(), err)
-	}
-	return nil
 }

@@ -118,8 +118,14 @@ type Handler struct {
 
 	// Send a PROXY protocol header, v1 or v2, to the backend before the
 	// session, with the client's address (or the one a proxy_protocol
-	// handler in front of this one has read). Only with backends.
-	// Default: none.
+	// handler in front of this one has read). A v2 header also carries
+	// TLVs as HAProxy writes them: PP2_TYPE_SSL (the client used TLS, its
+	// version and cipher suite by OpenSSL's names, and whether it sent a
+	// client certificate and crypto/tls verified it), PP2_TYPE_AUTHORITY
+	// (the SNI the client sent, if any) and PP2_TYPE_UNIQUE_ID (the
+	// session id of the access log). Dovecot reads the SSL TLV and treats
+	// the connection as secured; Postfix and Exim read the addresses only.
+	// Only with backends. Default: none.
 	ProxyProtocol string `json:"proxy_protocol,omitempty"`
 
 	// Tell the backend who the client is with Postfix's XCLIENT command,
