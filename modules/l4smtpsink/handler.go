@@ -36,8 +36,8 @@ const (
 	readTimeout  = 5 * time.Minute
 	writeTimeout = 10 * time.Minute
 
-	// The longest command line, and line of a message sent with DATA, in
-	// bytes. go-smtp's default is 2000, but go-smtp counts against it the
+	// The longest command line, in bytes (the sink reads DATA content
+	// itself, with no line limit). go-smtp's default is 2000, but go-smtp counts against it the
 	// bytes of a BDAT chunk that its 4096-byte read buffer takes in together
 	// with the command line (always the case with PIPELINING), so binary
 	// chunks would fail with "500 Too long line"; 8192 is above what a valid
@@ -65,12 +65,16 @@ var errShutDown = errors.New("smtp_sink: handler is shut down")
 // SMTPUTF8, SIZE <max_message_size> and AUTH PLAIN, and accepts up to 100
 // recipients per message. The server waits up to 5 minutes for each command
 // (and for a whole message after DATA or a BDAT chunk) and up to 10 minutes
-// to write a reply. Lines may be at most 8192 bytes long, also in a message
-// sent with DATA (BDAT chunks have no line limit).
+// to write a reply. Command lines may be at most 8192 bytes long; the
+// lines of a message have no limit but the message size.
 //
 // Each message is stored exactly as received, after dot-unstuffing for DATA
 // or as the concatenation of the chunks for BDAT, with no Received: header
-// added. Before the 250 reply it is written to a temporary file in the
+// added. A DATA message ends at exactly CRLF "." CRLF, as RFC 5321 says and
+// as Postfix and the SMTP edge end it, also when a CR comes before that CRLF
+// ("\r\r\n.\r\n"); a bare LF or a bare CR is content, never a line end, so a
+// dot after one is kept and never ends the message. Every byte value is
+// stored as it came. Before the 250 reply it is written to a temporary file in the
 // directory (named .tmp-*), fsynced, renamed to
 // <UTC time>-<random>.eml (e.g. 20250102T030405.123456789Z-<26 random
 // characters>.eml, so names sort by arrival and never collide) and the
@@ -108,13 +112,13 @@ type Handler struct {
 	Hostname string `json:"hostname,omitempty"`
 
 	// The largest message accepted, in bytes; it is advertised as SIZE, a
-	// larger MAIL FROM SIZE= or message gets 552 and leaves no file. (With
-	// DATA, go-smtp also refuses a message of exactly this size; BDAT takes
-	// it.) In the Caddyfile it may have a unit, like 25MB or 50MiB.
+	// larger MAIL FROM SIZE= or message gets 552 and leaves no file. In the
+	// Caddyfile it may have a unit, like 25MB or 50MiB.
 	// Default: 52428800 (50 MiB).
 	MaxMessageSize int64 `json:"max_message_size,omitempty"`
 
 	logger   *zap.Logger
+	maxSize  int64
 	store    *store
 	server   *smtp.Server
 	listener *connListener
@@ -166,6 +170,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("smtp_sink: %w", err)
 	}
 
+	h.maxSize = maxSize
 	h.server = newServer(&backend{store: h.store, logger: h.logger}, hostname, maxSize, h.logger)
 	h.listener = newConnListener()
 	h.conns = make(map[*sinkConn]struct{})
@@ -238,7 +243,7 @@ func (h *Handler) Cleanup() error {
 // session is over and any message in flight is stored or discarded. It is a
 // terminal handler: it never calls next.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
-	sc := newSinkConn(cx)
+	sc := newSinkConn(cx, h.maxSize)
 
 	h.mu.Lock()
 	if h.closing {

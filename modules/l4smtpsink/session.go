@@ -121,12 +121,16 @@ func (s *session) Logout() error {
 }
 
 // Data implements smtp.Session: it stores the message, and returns nil (250)
-// only once it is on disk.
+// only once it is on disk. A DATA message is read with the sink's own reader
+// (data.go), not with r.
 func (s *session) Data(r io.Reader) error {
 	if !s.conn.beginData() {
 		return errSessionClosed
 	}
 	defer s.conn.endData()
+	if dr := s.conn.dataContent(); dr != nil {
+		r = dr
+	}
 
 	s.mu.Lock()
 	user, from, rcpts := s.user, s.from, slices.Clone(s.rcpts)
@@ -170,7 +174,7 @@ func (s *session) Data(r io.Reader) error {
 // message there, and the part would be stored as if complete. A complete chunk
 // or DATA message never needs a read past its end, so a failed read before the
 // end means the message is cut short. (DATA without its end-of-data line
-// already gets io.ErrUnexpectedEOF from go-smtp.)
+// already gets io.ErrUnexpectedEOF from the sink's dataReader.)
 type truncationGuard struct {
 	r    io.Reader
 	conn *sinkConn
