@@ -32,6 +32,13 @@ import (
 //		max_connections_per_ip <n>
 //		early_talker reject|off
 //		detect_tls <duration>|off
+//		auth_guard off | {
+//			max_failures <n>
+//			window       <duration>
+//			ban          <duration>
+//			delay        <first> <max> | off
+//			max_entries  <n>
+//		}
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the directive name
@@ -146,6 +153,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if d.NextArg() {
 				return d.ArgErr()
 			}
+
+		case "auth_guard":
+			if err := h.AuthGuard.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+			continue
 
 		default:
 			return d.Errf("unknown smtp option '%s'", option)

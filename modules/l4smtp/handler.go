@@ -220,6 +220,13 @@ type Handler struct {
 	// line.
 	DetectTLS caddy.Duration `json:"detect_tls,omitempty"`
 
+	// Slow down and ban password guessers (authguard.go): each failed
+	// AUTH delays its reply more, and an address with too many failures
+	// is turned away at connect for a while. Default: on, with the
+	// defaults of its fields.
+	AuthGuard AuthGuard  `json:"auth_guard,omitzero"`
+	guard     *authGuard // nil when the guard is off
+
 	hostname  string // the first of Hostnames, after placeholders
 	greeting  []byte
 	replies   replies
@@ -425,6 +432,12 @@ func (h *Handler) setup() ([]string, error) {
 	default:
 		h.maxErrors = h.MaxErrors
 	}
+
+	guard, err := h.AuthGuard.build()
+	if err != nil {
+		return nil, err
+	}
+	h.guard = guard
 	return names, nil
 }
 
@@ -444,6 +457,9 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 		return nil
 	}
 	defer h.limits.release(cx.RemoteAddr())
+	if h.refuseBanned(sess, cx) {
+		return nil
+	}
 
 	implicit, first, alive := h.openingMode(cx)
 	if !alive {

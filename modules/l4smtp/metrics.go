@@ -32,6 +32,8 @@ type edgeMetrics struct {
 	backendDial       *prometheus.HistogramVec // backend
 	backendFailures   *prometheus.CounterVec   // backend
 	turnedAway        *prometheus.CounterVec   // listener, reason
+	authBans          prometheus.Counter       // the AUTH guard's, process-wide
+	authGuardEntries  []prometheus.Collector   // the AUTH guard's tables, by table
 }
 
 func newMetrics() *edgeMetrics {
@@ -69,18 +71,33 @@ func newMetrics() *edgeMetrics {
 		backendFailures: counter("backend_dial_failures_total",
 			"Dials of a backend address (the backend option) that failed.", "backend"),
 		turnedAway: counter("turned_away_total",
-			"Clients turned away, by reason: max_connections, max_connections_per_ip, early_talker, injection_refused, too_many_errors.",
+			"Clients turned away, by reason: max_connections, max_connections_per_ip, early_talker, injection_refused, too_many_errors, auth_banned.",
 			"listener", "reason"),
+		authBans: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "auth_bans_total",
+			Help: "Client addresses (an IPv6 client's /64) the AUTH guard banned for failed logins."}),
+		authGuardEntries: []prometheus.Collector{
+			guardEntriesGauge(ns, sub, "addresses", func() int { return processGuard.addrs.len() }),
+			guardEntriesGauge(ns, sub, "accounts", func() int { return processGuard.accounts.len() }),
+		},
 	}
+}
+
+// guardEntriesGauge reads the size of one of the AUTH guard's tables when
+// scraped.
+func guardEntriesGauge(ns, sub, table string, size func() int) prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "auth_guard_entries",
+		Help:        "Entries in the AUTH guard's tables (client addresses, accounts), each at most max_entries.",
+		ConstLabels: prometheus.Labels{"table": table}},
+		func() float64 { return float64(size()) })
 }
 
 // register adds the collectors to a config's registry; another handler of
 // the same config has done it already when they are there.
 func (m *edgeMetrics) register(reg *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{
+	for _, c := range append([]prometheus.Collector{
 		m.sessions, m.activeSessions, m.sessionDuration, m.handshakes, m.handshakeDuration, m.auth,
-		m.messages, m.recipients, m.bytes, m.backendDial, m.backendFailures, m.turnedAway,
-	} {
+		m.messages, m.recipients, m.bytes, m.backendDial, m.backendFailures, m.turnedAway, m.authBans,
+	}, m.authGuardEntries...) {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) || already.ExistingCollector != c {
@@ -112,7 +129,7 @@ func (m *edgeMetrics) sessionEnded(s *session, mode string, why outcome, detail 
 	switch why {
 	case outcomeConnectionLimit:
 		m.turnedAway.WithLabelValues(listener, detail).Inc()
-	case outcomeEarlyTalker, outcomeInjection, outcomeTooManyErrors:
+	case outcomeEarlyTalker, outcomeInjection, outcomeTooManyErrors, outcomeAuthBanned:
 		m.turnedAway.WithLabelValues(listener, string(why)).Inc()
 	}
 	if s.tls == nil {

@@ -13,6 +13,7 @@ type replies struct {
 	backendUnavailable []byte
 	backendGone        []byte
 	tooManyConns       []byte
+	authBanned         []byte
 	shuttingDown       []byte
 	internalError      []byte
 }
@@ -27,6 +28,7 @@ func newReplies(host string) replies {
 		backendUnavailable: []byte("421 4.4.1 " + host + " Service not available, closing transmission channel\r\n"),
 		backendGone:        []byte("421 4.4.2 " + host + " Connection to the mail server lost, closing transmission channel\r\n"),
 		tooManyConns:       []byte("421 4.7.0 " + host + " Too many connections, try again later\r\n"),
+		authBanned:         []byte("421 4.7.0 " + host + " Too many failed logins, try again later\r\n"),
 		shuttingDown:       []byte("421 4.3.2 " + host + " Service shutting down, closing transmission channel\r\n"),
 		internalError:      []byte("421 4.3.0 " + host + " Internal error, closing transmission channel\r\n"),
 	}

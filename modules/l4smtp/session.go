@@ -118,6 +118,9 @@ const (
 	outcomeConnectionLimit outcome = "connection_limit"
 	// talked before the greeting was complete (early_talker reject)
 	outcomeEarlyTalker outcome = "early_talker"
+	// turned away at connect: the client's address is banned for failed
+	// logins (auth_guard)
+	outcomeAuthBanned outcome = "auth_banned"
 	// the backend could not be dialled, closed before its greeting, or did
 	// not greet within the backend timeout
 	outcomeBackendUnreachable outcome = "backend_unreachable"
