@@ -14,6 +14,9 @@ import (
 //	smtp <hostname> [<hostname>...] {
 //		backend <address> [<address>...]
 //		proxy_protocol v1|v2
+//		xclient
+//		require_auth on|off
+//		bare_line_ends normalize|pass
 //		implicit_tls
 //		greeting <text>
 //		connection_policy {
@@ -78,6 +81,41 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.ProxyProtocol = d.Val()
 			default:
 				return d.Errf("smtp option 'proxy_protocol' takes v1 or v2, got '%s'", d.Val())
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+
+		case "xclient":
+			if d.NextArg() {
+				return d.Errf("smtp option 'xclient' takes no arguments")
+			}
+			h.XClient = true
+
+		case "require_auth":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			switch d.Val() {
+			case "on", "off":
+				on := d.Val() == "on"
+				h.RequireAuth = &on
+			default:
+				return d.Errf("smtp option 'require_auth' takes on or off, got '%s'", d.Val())
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+
+		case "bare_line_ends":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			switch d.Val() {
+			case "normalize", "pass":
+				h.BareLineEnds = d.Val()
+			default:
+				return d.Errf("smtp option 'bare_line_ends' takes normalize or pass, got '%s'", d.Val())
 			}
 			if d.NextArg() {
 				return d.ArgErr()
@@ -170,6 +208,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	if h.ProxyProtocol != "" && len(h.Backends) == 0 {
 		return d.Err("smtp option 'proxy_protocol' goes with 'backend'; with a proxy handler after smtp, set proxy_protocol in the proxy")
+	}
+	if h.XClient && h.ProxyProtocol != "" {
+		return d.Err("smtp options 'xclient' and 'proxy_protocol' both tell the backend who the client is; use one of them")
 	}
 	if h.EarlyTalker == "reject" && h.DetectTLS > 0 {
 		if err := detectWithinPregreet(time.Duration(h.DetectTLS), durationOr(h.Timeouts.Pregreet, defaultPregreet)); err != nil {

@@ -50,7 +50,8 @@ var testCert = sync.OnceValues(func() (tls.Certificate, error) {
 func newTestHandler(t testing.TB, configure func(*Handler)) (*Handler, *observer.ObservedLogs) {
 	t.Helper()
 	// most tests relay mail without AUTH; require_auth has tests of its own
-	h := &Handler{Hostnames: []string{"mail.test"}, RequireAuth: new(bool)}
+	// and the password guard's tables are the process's: its tests use their own
+	h := &Handler{Hostnames: []string{"mail.test"}, RequireAuth: new(bool), AuthGuard: AuthGuard{Disabled: true}}
 	if configure != nil {
 		configure(h)
 	}

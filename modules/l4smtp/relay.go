@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,7 +21,8 @@ import (
 // backend that goes away.
 func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) error {
 	cx := sess.cx
-	c := &relayConn{Conn: tlsConn, h: h, sess: sess, greeting: make(chan struct{})}
+	c := &relayConn{Conn: tlsConn, h: h, sess: sess, greeting: make(chan struct{}), over: make(chan struct{}),
+		clientIP: clientAddr(sess.cx)}
 	c.replied = sync.NewCond(&c.tmu)
 	// in STARTTLS mode the edge has greeted the client already
 	c.filter.swallowGreeting = !sess.implicit
@@ -131,9 +133,11 @@ type relayConn struct {
 	greeting     chan struct{}
 	greetingOnce sync.Once
 
-	bytesRead    atomic.Int64 // from the client
-	bytesWritten int64        // to the client; guarded by wmu
-	closed       atomic.Bool  // the edge has ended the session; later writes are dropped
+	bytesRead    atomic.Int64  // from the client
+	bytesWritten int64         // to the client; guarded by wmu
+	closed       atomic.Bool   // the edge has ended the session; later writes are dropped
+	over         chan struct{} // closed when closed is set
+	clientIP     netip.Addr    // the client's real address, for the password guard
 	clientEOF    atomic.Bool
 	lastActive   atomic.Int64 // unix nanoseconds of the last byte either way
 	backendTimer *time.Timer
@@ -260,8 +264,19 @@ func (c *relayConn) Write(p []byte) (int, error) {
 	c.tmu.Lock()
 	c.out = c.filter.process(c.out[:0], p)
 	lost := c.tracker.lost
+	failed, succeeded, user := c.tracker.authFailed, c.tracker.authSucceeded, c.tracker.failedUser
+	c.tracker.authFailed, c.tracker.authSucceeded, c.tracker.failedUser = 0, 0, ""
 	c.replied.Broadcast() // a reply the reading may wait for
 	c.tmu.Unlock()
+	if succeeded > 0 {
+		c.h.guard.success(c.clientIP, time.Now())
+	}
+	if failed > 0 {
+		// the password guard's delay, before the failure reaches the
+		// client; replies after it wait too, which keeps their order
+		delay, _ := c.h.guard.failure(c.clientIP, user, time.Now())
+		c.pause(delay)
+	}
 	if code := c.filter.lastReply(); lost && !c.filter.midReply() && code != "421" && code != "221" {
 		// the replies no longer pair with the commands: the edge cannot
 		// tell what the backend reads any more (unless the backend is
@@ -428,6 +443,7 @@ func (c *relayConn) end(why outcome, detail string, reply []byte, ifIdle bool) b
 	}
 	c.tmu.Unlock()
 	if first {
+		close(c.over)
 		c.sess.ended(why, detail)
 		if reply != nil {
 			c.finalReply(reply)
@@ -438,6 +454,20 @@ func (c *relayConn) end(why outcome, detail string, reply []byte, ifIdle bool) b
 		_ = c.Conn.Close()
 	}
 	return first
+}
+
+// pause waits d before the next write to the client, or until the session
+// ends. The caller holds wmu: nothing overtakes the delayed reply.
+func (c *relayConn) pause(d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+	case <-c.over:
+	}
 }
 
 // finalReply writes a reply that precedes a close. The caller holds wmu.
