@@ -72,6 +72,14 @@ func (s *session) accessFields(mode string, outcome outcome, detail string) []za
 	if s.facts.user != "" {
 		fields = append(fields, zap.String("user_id", s.facts.user))
 	}
+	for reason, n := range s.facts.refused {
+		if n > 0 {
+			fields = append(fields, zap.Int("refused_"+refusalNames[reason], n))
+		}
+	}
+	if s.facts.bareLineEnds > 0 {
+		fields = append(fields, zap.Int("bare_line_ends", s.facts.bareLineEnds))
+	}
 	fields = append(fields,
 		zap.Int("messages", s.facts.messages),
 		zap.Int("recipients", s.facts.recipients),

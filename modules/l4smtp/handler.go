@@ -42,11 +42,20 @@ func init() {
 // backend's own greeting is swallowed, since the client was already greeted and
 // now sends EHLO.
 //
-// In both modes the session after TLS is relayed byte for byte, except that
-// STARTTLS, XCLIENT and XFORWARD are removed from the backend's EHLO replies,
-// so that the client sees the backend's real capabilities (PIPELINING,
-// CHUNKING, SMTPUTF8, AUTH, ...) and nothing it must not use. A backend that
-// cannot be reached or does not greet in time gets the client a 421.
+// In both modes the edge reads the session after TLS as the backend will
+// (tracker.go) and relays it, with the backend's replies in command order
+// (RFC 2920), except that: STARTTLS, XCLIENT and XFORWARD are removed from the
+// backend's EHLO replies, so that the client sees the backend's real
+// capabilities (PIPELINING, CHUNKING, SMTPUTF8, AUTH, ...) and nothing it
+// must not use; a bare CR or LF from the client reaches the backend as CRLF
+// (bare_line_ends), so that no backend ends a message where the edge does not
+// (SMTP smuggling); MAIL, RCPT, DATA and BDAT before a successful AUTH get 530
+// from the edge (require_auth); a client's XCLIENT or XFORWARD gets 502, and
+// STARTTLS 503, from the edge; a failed AUTH's 535 waits for the password
+// guard's delay (auth_guard). With xclient the backend learns who the client
+// is inside the session (xclient.go); with proxy_protocol, from a header. A
+// backend that cannot be reached or does not greet in time gets the client a
+// 421.
 //
 // Every listener can serve both kinds of client (detect_tls): a client that
 // starts with a TLS ClientHello gets implicit TLS, a client that waits for a

@@ -32,6 +32,8 @@ type edgeMetrics struct {
 	backendDial       *prometheus.HistogramVec // backend
 	backendFailures   *prometheus.CounterVec   // backend
 	turnedAway        *prometheus.CounterVec   // listener, reason
+	refused           *prometheus.CounterVec   // listener, reason
+	bareLineEnds      *prometheus.CounterVec   // listener
 	authBans          prometheus.Counter       // the AUTH guard's, process-wide
 	authGuardEntries  []prometheus.Collector   // the AUTH guard's tables, by table
 }
@@ -73,6 +75,11 @@ func newMetrics() *edgeMetrics {
 		turnedAway: counter("turned_away_total",
 			"Clients turned away, by reason: max_connections, max_connections_per_ip, early_talker, injection_refused, too_many_errors, auth_banned.",
 			"listener", "reason"),
+		refused: counter("commands_refused_total",
+			"Commands after TLS the edge answered itself instead of relaying them, by reason: auth_required (530 before AUTH), identity (a client's XCLIENT or XFORWARD), starttls (STARTTLS inside TLS).",
+			"listener", "reason"),
+		bareLineEnds: counter("bare_line_ends_total",
+			"Bare CRs and bare LFs from clients after TLS that reached the backend as CRLF (bare_line_ends normalize).", "listener"),
 		authBans: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "auth_bans_total",
 			Help: "Client addresses (an IPv6 client's /64) the AUTH guard banned for failed logins."}),
 		authGuardEntries: []prometheus.Collector{
@@ -96,7 +103,7 @@ func guardEntriesGauge(ns, sub, table string, size func() int) prometheus.Collec
 func (m *edgeMetrics) register(reg *prometheus.Registry) error {
 	for _, c := range append([]prometheus.Collector{
 		m.sessions, m.activeSessions, m.sessionDuration, m.handshakes, m.handshakeDuration, m.auth,
-		m.messages, m.recipients, m.bytes, m.backendDial, m.backendFailures, m.turnedAway, m.authBans,
+		m.messages, m.recipients, m.bytes, m.backendDial, m.backendFailures, m.turnedAway, m.refused, m.bareLineEnds, m.authBans,
 	}, m.authGuardEntries...) {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
@@ -147,6 +154,14 @@ func (m *edgeMetrics) sessionEnded(s *session, mode string, why outcome, detail 
 	}
 	if f.recipients > 0 {
 		m.recipients.WithLabelValues(listener).Add(float64(f.recipients))
+	}
+	for reason, n := range f.refused {
+		if n > 0 {
+			m.refused.WithLabelValues(listener, refusalNames[reason]).Add(float64(n))
+		}
+	}
+	if f.bareLineEnds > 0 {
+		m.bareLineEnds.WithLabelValues(listener).Add(float64(f.bareLineEnds))
 	}
 	m.bytes.WithLabelValues(listener, "from_client").Add(float64(s.bytesRead))
 	m.bytes.WithLabelValues(listener, "to_client").Add(float64(s.bytesWritten))

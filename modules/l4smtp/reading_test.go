@@ -77,13 +77,13 @@ func TestRequireAuthClientCertificate(t *testing.T) {
 	h, _ := newTestHandler(t, requireAuthOn)
 	sess := newTestSession(h, nil)
 	h.setupTracker(&tr, sess)
-	if tr.edgeAnswer([]byte("MAIL FROM:<a@x>")) == nil {
+	if answer, _ := tr.edgeAnswer([]byte("MAIL FROM:<a@x>")); answer == nil {
 		t.Fatal("MAIL passes without AUTH")
 	}
 	sess.tls = verifiedState()
 	tr = transactionTracker{}
 	h.setupTracker(&tr, sess)
-	if got := tr.edgeAnswer([]byte("MAIL FROM:<a@x>")); got != nil {
+	if got, _ := tr.edgeAnswer([]byte("MAIL FROM:<a@x>")); got != nil {
 		t.Fatalf("with a verified client certificate MAIL gets %q", got)
 	}
 }
@@ -93,8 +93,9 @@ func TestRequireAuthClientCertificate(t *testing.T) {
 func TestEdgeAnswersIdentityAndSTARTTLS(t *testing.T) {
 	forEachRelay(t, func(t *testing.T, via relayVia) {
 		h, _ := newTestHandler(t, via.configure)
+		sess := newTestSession(h, nil)
 		transcript := make(chan string, 1)
-		conn, r, done := serveRelay(t, h, via, true, func(b *backend) error {
+		conn, r, done := serveRelayIn(t, h, via, sess, true, func(b *backend) error {
 			ehloExchange(b)
 			b.expect("NOOP")
 			b.send("250 2.0.0 Ok\r\n")
@@ -118,7 +119,21 @@ func TestEdgeAnswersIdentityAndSTARTTLS(t *testing.T) {
 			t.Errorf("the backend got %q after QUIT", rest)
 		}
 		<-done
+		fields := sessionAccessFields(sess)
+		if fields["refused_identity"] != int64(2) || fields["refused_starttls"] != int64(1) || fields["refused_auth_required"] != nil {
+			t.Errorf("access line %v, want refused_identity 2, refused_starttls 1", fields)
+		}
 	})
+}
+
+// sessionAccessFields is the session's access line as a map.
+func sessionAccessFields(sess *session) map[string]any {
+	why, detail := sess.howEnded()
+	enc := zapcore.NewMapObjectEncoder()
+	for _, f := range sess.accessFields(sess.mode(), why, detail) {
+		f.AddTo(enc)
+	}
+	return enc.Fields
 }
 
 // Bare LF and bare CR reach the backend as CRLF; a "." line that is not
@@ -126,8 +141,9 @@ func TestEdgeAnswersIdentityAndSTARTTLS(t *testing.T) {
 func TestNormalizedLineEnds(t *testing.T) {
 	forEachRelay(t, func(t *testing.T, via relayVia) {
 		h, _ := newTestHandler(t, via.configure)
+		sess := newTestSession(h, nil)
 		got := make(chan string, 1)
-		conn, r, done := serveRelay(t, h, via, true, func(b *backend) error {
+		conn, r, done := serveRelayIn(t, h, via, sess, true, func(b *backend) error {
 			ehloExchange(b)
 			b.expect("MAIL FROM:<a@example.com>")
 			b.expect("RCPT TO:<b@example.com>")
@@ -168,6 +184,10 @@ func TestNormalizedLineEnds(t *testing.T) {
 			t.Errorf("the backend got\n%q\nwant\n%q", content, want)
 		}
 		<-done
+		// two in the commands, six in the content, none in the chunk
+		if n := sessionAccessFields(sess)["bare_line_ends"]; n != int64(8) {
+			t.Errorf("bare_line_ends %v, want 8", n)
+		}
 	})
 }
 

@@ -59,6 +59,19 @@ type queued struct {
 	answer []byte
 }
 
+// refusal is why the edge answered a command itself.
+type refusal uint8
+
+const (
+	refusedAuthRequired refusal = iota // a mail command before AUTH (530)
+	refusedIdentity                    // a client's XCLIENT or XFORWARD (502)
+	refusedSTARTTLS                    // STARTTLS inside TLS (503)
+	refusalReasons
+)
+
+// refusalNames are the reasons as the access log and the metrics name them.
+var refusalNames = [refusalReasons]string{"auth_required", "identity", "starttls"}
+
 // edgeAnswers are the replies the edge gives in place of the backend.
 type edgeAnswers struct {
 	authRequired []byte // MAIL, RCPT, DATA, BDAT before AUTH, with require_auth
@@ -103,6 +116,7 @@ type transactionTracker struct {
 	decided bool     // whether the line in progress is forwarded or answered is known
 	drop    bool     // the line in progress is answered by the edge: its bytes go nowhere
 	answer  []byte   // that answer
+	refusal refusal  // and why
 	skipLF  bool     // a CR ended the last line: an LF right after it belongs to it
 
 	inBody    bool // in message content after DATA's 354
@@ -149,11 +163,11 @@ type sessionFacts struct {
 	authAttempts  int
 	authSuccesses int
 	authFailures  int
-	user          string // the user name of the successful AUTH, when the mechanism names one
-	messages      int    // messages accepted (250 to the end of DATA or to BDAT LAST)
-	recipients    int    // recipients accepted (2xx to RCPT)
-	refused       int    // commands the edge answered itself instead of the backend
-	bareLineEnds  int    // bare CRs and LFs turned into CRLF
+	user          string              // the user name of the successful AUTH, when the mechanism names one
+	messages      int                 // messages accepted (250 to the end of DATA or to BDAT LAST)
+	recipients    int                 // recipients accepted (2xx to RCPT)
+	refused       [refusalReasons]int // commands the edge answered itself, by reason
+	bareLineEnds  int                 // bare CRs and LFs turned into CRLF
 }
 
 // saslMechanism is an AUTH mechanism whose user name the tracker can read.
@@ -312,7 +326,7 @@ func (t *transactionTracker) lineBytes(dst, p []byte) []byte {
 func (t *transactionTracker) decide(dst []byte) []byte {
 	t.decided = true
 	if !t.sasl {
-		t.answer = t.edgeAnswer(t.line[:min(t.lineLen, len(t.line))])
+		t.answer, t.refusal = t.edgeAnswer(t.line[:min(t.lineLen, len(t.line))])
 	}
 	t.drop = t.answer != nil
 	if !t.drop {
@@ -322,23 +336,23 @@ func (t *transactionTracker) decide(dst []byte) []byte {
 }
 
 // edgeAnswer is the edge's own answer to a command line that starts with
-// line, or nil when the backend answers it.
-func (t *transactionTracker) edgeAnswer(line []byte) []byte {
+// line, and why, or nil when the backend answers it.
+func (t *transactionTracker) edgeAnswer(line []byte) ([]byte, refusal) {
 	if t.edge == nil {
-		return nil
+		return nil, 0
 	}
 	verb, _, _ := bytes.Cut(line, []byte(" "))
 	verb = bytes.TrimRight(verb, "\r")
 	switch {
 	case bytes.EqualFold(verb, []byte("STARTTLS")):
-		return t.edge.tlsActive
+		return t.edge.tlsActive, refusedSTARTTLS
 	case bytes.EqualFold(verb, []byte("XCLIENT")), bytes.EqualFold(verb, []byte("XFORWARD")):
-		return t.edge.notAllowed
+		return t.edge.notAllowed, refusedIdentity
 	case t.requireAuth && !t.authed && (bytes.EqualFold(verb, []byte("MAIL")) || bytes.EqualFold(verb, []byte("RCPT")) ||
 		bytes.EqualFold(verb, []byte("DATA")) || bytes.EqualFold(verb, []byte("BDAT"))):
-		return t.edge.authRequired
+		return t.edge.authRequired, refusedAuthRequired
 	}
-	return nil
+	return nil, 0
 }
 
 // appendLine keeps the start of the command line, and the whole of an
@@ -377,7 +391,7 @@ func (t *transactionTracker) wholeLine() (line []byte, whole bool) {
 // command queues the command line just completed.
 func (t *transactionTracker) command() {
 	line, whole := t.wholeLine()
-	answer := t.answer
+	answer, reason := t.answer, t.refusal
 	t.lineLen, t.decided, t.drop, t.answer = 0, false, false, nil
 	defer clear(t.authLine) // it may hold a password
 	t.authLine = t.authLine[:0]
@@ -398,7 +412,7 @@ func (t *transactionTracker) command() {
 				t.chunkLeft, t.chunkDrop = size, true
 			}
 		}
-		t.facts.refused++
+		t.facts.refused[reason]++
 		t.push(kindOther)
 		t.queue[len(t.queue)-1].answer = answer
 		t.release()
