@@ -161,7 +161,7 @@ func (c *relayConn) Read(p []byte) (int, error) {
 			c.pendingOut = c.pendingOut[n:]
 			return n, nil
 		}
-		if c.readErr != nil {
+		if c.readErr != nil && len(c.held) == 0 {
 			return 0, c.readErr
 		}
 		c.tmu.Lock()
@@ -173,15 +173,13 @@ func (c *relayConn) Read(p []byte) (int, error) {
 			return 0, net.ErrClosed
 		}
 		if c.xclient != xclientOff && c.xclient != xclientDone {
-			out, failure := c.edgeCommand(p[:0])
+			out, failure := c.edgeCommand(nil)
 			c.tmu.Unlock()
 			if failure != "" {
 				c.identityRefused(failure)
 				return 0, net.ErrClosed
 			}
-			if len(out) > 0 {
-				return len(out), nil
-			}
+			c.pendingOut = out
 			continue
 		}
 		c.tmu.Unlock()
@@ -225,7 +223,8 @@ func (c *relayConn) Read(p []byte) (int, error) {
 			c.pendingOut = append(c.pendingOut[:0:0], out[n:]...)
 		}
 		largeBufs.Put(scratch)
-		if err != nil && len(c.pendingOut) > 0 {
+		if err != nil && (len(c.pendingOut) > 0 || len(c.held) > 0) {
+			// what was read before the error goes first
 			c.readErr, err = err, nil
 		}
 		if n > 0 || err != nil {
