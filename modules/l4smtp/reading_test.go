@@ -136,6 +136,31 @@ func sessionAccessFields(sess *session) map[string]any {
 	return enc.Fields
 }
 
+// With implicit TLS a client that talks before the backend's greeting gets
+// the edge's answers after the greeting, never before it.
+func TestEdgeAnswersAfterGreeting(t *testing.T) {
+	forEachRelay(t, func(t *testing.T, via relayVia) {
+		h, _ := newTestHandler(t, via.configure)
+		greet := make(chan struct{})
+		conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
+			<-greet
+			b.send("220 backend ESMTP\r\n")
+			b.expect("NOOP")
+			b.send("250 2.0.0 Ok\r\n")
+			b.finish()
+			return nil
+		})
+		io.WriteString(conn, "XCLIENT ADDR=1.2.3.4\r\nNOOP\r\n")
+		close(greet)
+		got := readReplies(t, r, 3)
+		want := []string{"220 backend ESMTP", "502 5.5.1 Command not implemented", "250 2.0.0 Ok"}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("replies %q, want %q", got, want)
+		}
+		<-done
+	})
+}
+
 // Bare LF and bare CR reach the backend as CRLF; a "." line that is not
 // CRLF "." CRLF stays content; BDAT chunks pass untouched.
 func TestNormalizedLineEnds(t *testing.T) {

@@ -233,11 +233,13 @@ func (c *relayConn) Read(p []byte) (int, error) {
 	}
 }
 
-// sendAnswers writes the edge's own answers whose turn has come.
+// sendAnswers writes the edge's own answers whose turn has come. Before the
+// backend's greeting (a client that talks first, with implicit TLS) they
+// wait for it: the reply filter puts them after it.
 func (c *relayConn) sendAnswers() {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.closed.Load() {
+	if c.closed.Load() || !c.filter.greetingDone() {
 		return
 	}
 	c.tmu.Lock()
