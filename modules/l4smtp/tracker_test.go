@@ -198,8 +198,9 @@ func FuzzTransactionTracker(f *testing.F) {
 			replies := []string{"250", "354", "334", "235", "250", "354", "535", "250"}
 			for _, p := range pieces {
 				feed.client(p)
-				for i := 0; tr.waiting() && i < len(replies); i++ {
-					feed.reply(replies[i])
+				for tr.waiting() && len(replies) > 0 {
+					feed.reply(replies[0])
+					replies = replies[1:]
 				}
 			}
 			return summary(tr), feed.out
