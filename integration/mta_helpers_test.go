@@ -733,6 +733,17 @@ func deliverQueued(c *smtp.Client, from string, to []string, msg []byte) (string
 	return text, err
 }
 
+// count is the number of lines that match re.
+func (l logFile) count(re *regexp.Regexp) int {
+	n := 0
+	for _, line := range l.lines() {
+		if re.MatchString(line) {
+			n++
+		}
+	}
+	return n
+}
+
 // waitCount polls the log until at least n lines match re (for a line that
 // recurs once per session, as the sessions of a test add up).
 func (l logFile) waitCount(t *testing.T, re *regexp.Regexp, n int) {

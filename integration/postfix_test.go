@@ -2,6 +2,7 @@ package integration
 
 import (
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"net"
 	"net/smtp"
@@ -57,29 +58,50 @@ type postfixListener struct {
 type proxyEdges map[relayWay][]postfixListener
 
 type postfixEnv struct {
-	proc    *caddyProc
-	postfix *postfixInstance
-	dovecot *dovecotAuth
-	sink    *mtaSink
-	edges   proxyEdges
+	proc *caddyProc
+	*postfixBackends
+	edges proxyEdges
+}
+
+// postfixBackends are the sink, Postfix and Dovecot of the examples:
+// Postfix with both listeners of examples/postfix/master.cf (proxyAddr,
+// xclientAddr) and the extra listeners a test adds.
+type postfixBackends struct {
+	postfix     *postfixInstance
+	dovecot     *dovecotAuth
+	sink        *mtaSink
+	proxyAddr   string // the example's PROXY listener
+	xclientAddr string // the example's XCLIENT listener
 }
 
 // startPostfixEnv starts the sink, Postfix and Dovecot from the examples,
-// and one caddy with eight edges into Postfix (see startProxyEdges).
+// and one caddy with eight edges into Postfix's PROXY listener (see
+// startProxyEdges).
 func startPostfixEnv(t *testing.T) *postfixEnv {
+	t.Helper()
+	env := &postfixEnv{postfixBackends: startPostfixBackends(t, "")}
+	env.proc, env.edges = startProxyEdges(t, env.proxyAddr)
+	return env
+}
+
+// startPostfixBackends starts the sink, and Postfix and Dovecot with the
+// files of examples/postfix/ as they are (only the listener addresses and
+// the queue directory replaced), and with extraMasterCF, listeners of the
+// test's own, appended to master.cf.
+func startPostfixBackends(t *testing.T, extraMasterCF string) *postfixBackends {
 	t.Helper()
 	requireRootMTA(t, map[string]string{"postfix": "postfix", "dovecot": "dovecot-core"})
 
 	dir := mtaTempDir(t)
-	env := &postfixEnv{sink: startMTASink(t)}
-	postfixAddr := freeAddr(t)
+	env := &postfixBackends{sink: startMTASink(t), proxyAddr: freeAddr(t), xclientAddr: freeAddr(t)}
 	queueDir := filepath.Join(dir, "queue")
 	env.postfix = startPostfix(t, dir, postfixConfig{
 		mainCF: readExample(t, "postfix/main.cf", nil),
 		masterCF: readExample(t, "postfix/master.cf", map[string]string{
-			"127.0.0.1:10587": postfixAddr,
-		}),
-		listen: postfixAddr,
+			"127.0.0.1:10587": env.proxyAddr,
+			"127.0.0.1:10588": env.xclientAddr,
+		}) + extraMasterCF,
+		listen: env.proxyAddr,
 		relay:  env.sink.addr,
 	})
 	// Dovecot's socket is in Postfix's queue directory, which postfix
@@ -93,8 +115,6 @@ func startPostfixEnv(t *testing.T) *postfixEnv {
 	// Postfix goes first: Dovecot waits for its SASL clients (Postfix's
 	// idle smtpd processes) before it exits
 	t.Cleanup(func() { env.postfix.stop(t) })
-
-	env.proc, env.edges = startProxyEdges(t, postfixAddr)
 	return env
 }
 
@@ -248,7 +268,7 @@ func sendThroughPostfix(t *testing.T, c *smtp.Client, auth smtp.Auth, token stri
 // name[address]" and "<queue ID>: client=name[address], sasl_method=...,
 // sasl_username=..." fields, which log tools (pflogsumm, fail2ban) parse;
 // only the address in brackets is compared, not the name.
-func checkPostfixSession(t *testing.T, env *postfixEnv, queueID, method string) {
+func checkPostfixSession(t *testing.T, env *postfixBackends, queueID, method string) {
 	t.Helper()
 	want := "[" + clientIP + "]"
 	re := regexp.MustCompile(`postfix(?:/[\w.-]+)*/smtpd\[(\d+)\]: ` + queueID +
@@ -277,7 +297,7 @@ func checkPostfixSession(t *testing.T, env *postfixEnv, queueID, method string) 
 
 // checkReceived checks the Received: header Postfix added to the message
 // that reached the sink.
-func checkReceived(t *testing.T, env *postfixEnv, token, queueID string) {
+func checkReceived(t *testing.T, env *postfixBackends, token, queueID string) {
 	t.Helper()
 	msg := env.sink.wait(t, token)
 	received := messageHeader(t, msg).Values("Received")
@@ -308,8 +328,8 @@ func testPostfixClientAddress(t *testing.T, env *postfixEnv, l postfixListener) 
 	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), clientIP)
 	token := uniqueToken(t)
 	queueID := sendThroughPostfix(t, c, smtp.PlainAuth("", postfixUser, postfixPassword, firstHost), token)
-	checkReceived(t, env, token, queueID)
-	checkPostfixSession(t, env, queueID, "PLAIN")
+	checkReceived(t, env.postfixBackends, token, queueID)
+	checkPostfixSession(t, env.postfixBackends, queueID, "PLAIN")
 }
 
 // testPostfixAuthLogin: AUTH LOGIN after TLS, answered by Postfix (through
@@ -318,8 +338,8 @@ func testPostfixAuthLogin(t *testing.T, env *postfixEnv, l postfixListener) {
 	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), clientIP)
 	token := uniqueToken(t)
 	queueID := sendThroughPostfix(t, c, loginAuth{postfixUser, postfixPassword}, token)
-	checkReceived(t, env, token, queueID)
-	checkPostfixSession(t, env, queueID, "LOGIN")
+	checkReceived(t, env.postfixBackends, token, queueID)
+	checkPostfixSession(t, env.postfixBackends, queueID, "LOGIN")
 }
 
 // testPostfixWrongPassword: a wrong password gets Postfix's 535 through the
@@ -441,15 +461,36 @@ func testPostfixNoAuthBeforeTLS(t *testing.T, env *postfixEnv, l postfixListener
 
 // testPostfixNoRelayWithoutAuth: a client without AUTH, connecting from the
 // edge's own address 127.0.0.1 (in Postfix's default mynetworks), cannot
-// relay: the example's listener trusts SASL only, never the network.
+// relay: the edge answers MAIL and RCPT with 530 5.7.0 (require_auth, on by
+// default), and Postfix, whose log counts the session's commands in its
+// disconnect line, gets neither. (That the example's listener refuses such a
+// client itself, with the edge's check off, is TestPostfixOpenRelay's.)
 func testPostfixNoRelayWithoutAuth(t *testing.T, env *postfixEnv, l postfixListener) {
+	// Postfix's record of a session from 127.0.0.1 that sent EHLO and QUIT
+	// and nothing else; the other sessions from that address (caddy's
+	// readiness probes, the other relay way's run of this test) are
+	// counted before
+	session := regexp.MustCompile(`/smtpd\[\d+\]: disconnect from \S*\[127\.0\.0\.1\] ehlo=1 quit=1 commands=2$`)
+	before := env.postfix.log.count(session)
+
 	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), "127.0.0.1")
-	if err := c.Mail("anyone@example.com"); err != nil {
-		t.Fatalf("MAIL: %v", err)
+	for _, cmd := range []func() error{
+		func() error { return c.Mail("anyone@example.com") },
+		func() error { return c.Rcpt("rcpt@example.net") },
+	} {
+		err := cmd()
+		var te *textproto.Error
+		if !errors.As(err, &te) || te.Code != 530 || !strings.HasPrefix(te.Msg, "5.7.0 ") {
+			t.Fatalf("without AUTH: %v, want the edge's 530 5.7.0", err)
+		}
 	}
-	err := c.Rcpt("rcpt@example.net")
-	if code := replyCode(err); code < 500 || code > 599 {
-		t.Fatalf("RCPT without AUTH: %v, want a 5xx refusal", err)
+	if err := c.Quit(); err != nil {
+		t.Errorf("QUIT: %v", err)
 	}
-	t.Logf("RCPT without AUTH: %v", err)
+	env.postfix.log.waitCount(t, session, before+1)
+	for _, line := range env.postfix.log.lines() {
+		if strings.Contains(line, "[127.0.0.1]") && strings.Contains(line, " mail=") {
+			t.Errorf("Postfix got a MAIL from 127.0.0.1: %s", line)
+		}
+	}
 }
