@@ -556,12 +556,19 @@ type mtaSink struct {
 func startMTASink(t *testing.T) *mtaSink {
 	t.Helper()
 	s := &mtaSink{messages: make(map[string][]byte), arrived: make(chan struct{})}
+	s.addr = serveSink(t, s)
+	return s
+}
+
+// serveSink serves be as an SMTP server an MTA relays into, on a loopback
+// port, until the test ends, and returns its address.
+func serveSink(t *testing.T, be gosmtp.Backend) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.addr = ln.Addr().String()
-	srv := gosmtp.NewServer(s)
+	srv := gosmtp.NewServer(be)
 	srv.Domain = "sink.localhost"
 	srv.MaxMessageBytes = 50 << 20
 	srv.ReadTimeout = ioTimeout
@@ -576,7 +583,7 @@ func startMTASink(t *testing.T) *mtaSink {
 		_ = srv.Close()
 		<-done
 	})
-	return s
+	return ln.Addr().String()
 }
 
 func (s *mtaSink) NewSession(*gosmtp.Conn) (gosmtp.Session, error) {

@@ -439,26 +439,7 @@ type recordedMessage struct {
 func startRecordingSink(t *testing.T) *recordingSink {
 	t.Helper()
 	s := &recordingSink{arrived: make(chan struct{})}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.addr = ln.Addr().String()
-	srv := gosmtp.NewServer(s)
-	srv.Domain = "sink.localhost"
-	srv.MaxMessageBytes = 50 << 20
-	srv.ReadTimeout = ioTimeout
-	srv.WriteTimeout = ioTimeout
-	srv.EnableSMTPUTF8 = true
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(ln)
-	}()
-	t.Cleanup(func() {
-		_ = srv.Close()
-		<-done
-	})
+	s.addr = serveSink(t, s)
 	return s
 }
 
