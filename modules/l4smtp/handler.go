@@ -245,7 +245,7 @@ type Handler struct {
 	limits    *connLimits
 	tlsConfig *tls.Config // shared by all connections: see setTLSConfig
 
-	backends      []backendAddr
+	pool          *upstreamPool // nil without backends: the next handler relays
 	proxyProtocol int
 	requireAuth   bool
 	passLineEnds  bool

@@ -27,8 +27,8 @@ func TestSetupDefaults(t *testing.T) {
 	if h.maxErrors != 5 {
 		t.Errorf("max errors %d", h.maxErrors)
 	}
-	if h.backends != nil || h.proxyProtocol != 0 {
-		t.Errorf("backends %v, proxy protocol %d; want none", h.backends, h.proxyProtocol)
+	if h.pool != nil || h.proxyProtocol != 0 {
+		t.Errorf("backends %v, proxy protocol %d; want none", h.pool, h.proxyProtocol)
 	}
 }
 
@@ -40,7 +40,7 @@ func TestSetupBackends(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := "[{tcp 127.0.0.1:10025} {tcp 10.0.0.5:10587} {tcp [::1]:25} {unix /run/mta.sock}]"
-	if got := fmt.Sprint(h.backends); got != want || h.proxyProtocol != 1 {
+	if got := fmt.Sprint(h.pool.addrs()); got != want || h.proxyProtocol != 1 {
 		t.Errorf("backends %s, proxy protocol %d; want %s, 1", got, h.proxyProtocol, want)
 	}
 }
