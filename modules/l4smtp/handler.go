@@ -125,6 +125,19 @@ type Handler struct {
 	// the dial by the backend timeout. Default: none.
 	Backends []string `json:"backends,omitempty"`
 
+	// The long form of backends: the mail servers, each with a weight,
+	// picked by load_balancing and watched by health_checks, in the shape
+	// of caddy-l4's proxy. Not with backends. Default: none.
+	Upstreams []*Upstream `json:"upstreams,omitempty"`
+
+	// How a session's upstream is picked. Only with upstreams. Default:
+	// the policy "first", the upstreams in their order.
+	LoadBalancing *LoadBalancing `json:"load_balancing,omitempty"`
+
+	// How the upstreams are checked. Only with upstreams. Default: none,
+	// every upstream is tried by every session that needs it.
+	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
+
 	// Send a PROXY protocol header, v1 or v2, to the backend before the
 	// session, with the client's address (or the one a proxy_protocol
 	// handler in front of this one has read). A v2 header also carries
@@ -336,14 +349,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.app.tickets.register(h.tlsConfig)
+	if h.pool != nil {
+		h.pool.start(h.logger.Named("upstreams"))
+	}
 	return nil
 }
 
 // Cleanup stops the session ticket key updates of the handler's TLS
-// configuration.
+// configuration and its upstreams' health checks.
 func (h *Handler) Cleanup() error {
 	if h.app != nil {
 		h.app.tickets.unregister(h.tlsConfig)
+	}
+	if h.pool != nil {
+		h.pool.close()
 	}
 	return nil
 }
