@@ -37,7 +37,8 @@ type HealthChecks struct {
 // clients. Checks never count as client sessions at the edge: no access
 // line, no session metrics.
 type ActiveHealthChecks struct {
-	// How often to check each upstream. Default: 30s.
+	// How often to check each upstream; the first check comes one
+	// interval after the config is loaded. Default: 30s.
 	Interval caddy.Duration `json:"interval,omitempty"`
 
 	// How long one check may take, from the dial to the reply to EHLO.
@@ -95,23 +96,26 @@ func (a *ActiveHealthChecks) build(hostname string) (*activeChecks, error) {
 	}, nil
 }
 
-// checkLoop checks every upstream at once, at start and then every
-// interval, until the pool is closed.
+// checkLoop checks every upstream at once, every interval, until the pool
+// is closed. The first checks come one interval after the start, not at
+// once: the config is provisioned before its listeners open, and an
+// upstream in the same config (a sink, a local relay) would fail a check
+// made then.
 func (p *upstreamPool) checkLoop(ctx context.Context) {
 	defer close(p.done)
 	ticker := time.NewTicker(p.active.interval)
 	defer ticker.Stop()
 	for {
-		var wg sync.WaitGroup
-		for _, u := range p.upstreams {
-			wg.Go(func() { p.recordCheck(u, p.check(ctx, u)) })
-		}
-		wg.Wait()
 		select {
 		case <-ctx.Done():
 			return
 		case <-ticker.C:
 		}
+		var wg sync.WaitGroup
+		for _, u := range p.upstreams {
+			wg.Go(func() { p.recordCheck(u, p.check(ctx, u)) })
+		}
+		wg.Wait()
 	}
 }
 
