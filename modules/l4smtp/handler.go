@@ -25,8 +25,7 @@ func init() {
 // Handler puts an SMTP listener behind Caddy's TLS: it terminates TLS for a
 // mail port with certificates that Caddy obtains and renews, and relays the
 // decrypted session to the backend MTA: itself, with the backend option, or
-// through the next handler (caddy-l4's proxy, for its load balancing and
-// health checks).
+// through the next handler (caddy-l4's proxy).
 //
 // With implicit_tls (port 465, RFC 8314) the TLS handshake comes first and the
 // backend's greeting is the first thing the client reads, inside TLS.
@@ -103,8 +102,21 @@ func init() {
 //		}
 //	}
 //
-// or, for caddy-l4's load balancing, without backend and with a proxy
-// handler after smtp in the route.
+// Several mail servers, balanced and health-checked (upstreams.go,
+// loadbalancing.go, healthchecks.go):
+//
+//	smtp mail.example.com {
+//		backend {
+//			to 10.0.0.21:10587 weight 2
+//			to 10.0.0.22:10587
+//			lb_policy round_robin
+//			health_interval 10s
+//			fail_duration 30s
+//		}
+//		proxy_protocol v2
+//	}
+//
+// or, without backend, a proxy handler after smtp in the route.
 type Handler struct {
 	// The names this edge answers for. The first is the name in the greeting
 	// and the EHLO reply, and the certificate that clients which send no SNI
@@ -117,12 +129,14 @@ type Handler struct {
 
 	// The mail server to relay the session to after TLS: one or more
 	// addresses, host:port or unix/<socket path>, tried in turn until one
-	// can be dialled within the backend timeout. With backends, the
-	// handler relays the session itself and is the last handler of its
-	// route; without, it hands the session to the next handler, normally
-	// caddy-l4's proxy (for its load balancing and health checks). The
-	// handler's own relay holds less memory per idle session and bounds
-	// the dial by the backend timeout. Default: none.
+	// is dialled and greets with 2xx, within the backend timeout; the
+	// short form of upstreams, with the policy "first" and no health
+	// checks. With backends (or upstreams), the handler relays the session
+	// itself and is the last handler of its route; without, it hands the
+	// session to the next handler (caddy-l4's proxy). The handler's own
+	// relay holds less memory per idle session, bounds the dial by the
+	// backend timeout and checks its upstreams in SMTP. Not with upstreams.
+	// Default: none.
 	Backends []string `json:"backends,omitempty"`
 
 	// The long form of backends: the mail servers, each with a weight,
