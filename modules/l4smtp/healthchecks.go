@@ -190,9 +190,9 @@ func (p *upstreamPool) check(ctx context.Context, u *upstream) error {
 }
 
 // checkProxyHeader is the PROXY header of a health check, which has no
-// client. v2 has the LOCAL command for it, which Postfix (smtpd and
-// postscreen: "non-proxied connection, use the proxy-to-server connection
-// info"), Dovecot and HAProxy accept. v1's only equivalent, "PROXY
+// client. v2 has the LOCAL command for it, which Postfix accepts (its
+// haproxy_srvr.c, for smtpd and postscreen: "non-proxied connection, use
+// the proxy-to-server connection info"). v1's only equivalent, "PROXY
 // UNKNOWN", Postfix refuses ("would sidestep address-based access
 // control"), so a v1 check says the edge itself is the client: its own
 // address on the check's connection.
