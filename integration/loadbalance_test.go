@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"fmt"
 	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -15,7 +14,7 @@ import (
 )
 
 // lbProxyOptions are the proxy options of the load-balancing test, the same
-// as in examples/load-balancing/Caddyfile: two upstreams in turn, an
+// as in examples/load-balancing/proxy.Caddyfile: two upstreams in turn, an
 // upstream whose dial fails is left out for 30s, and a failed dial is
 // retried on the other upstream (every 100ms, for up to 5s) instead of
 // ending the session.
@@ -324,39 +323,48 @@ func TestLoadBalancingNoRetry(t *testing.T) {
 }
 
 // TestLoadBalancingExampleAdapts: examples/load-balancing/Caddyfile adapts,
-// and its proxy has two upstreams of one dial address each, round robin, and
-// the retry and passive health options the test above relies on.
+// with the edge's own upstreams (two, round robin, SMTP health checks,
+// passive health), and proxy.Caddyfile, caddy-l4's proxy, has two upstreams
+// of one dial address each, round robin, and the retry and passive health
+// options the test above relies on.
 func TestLoadBalancingExampleAdapts(t *testing.T) {
 	t.Parallel()
 	root, err := moduleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	example := filepath.Join(root, "examples", "load-balancing", "Caddyfile")
-	if _, err := os.Stat(example); err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	cmd := exec.Command(caddyBinary, "adapt", "--config", example, "--adapter", "caddyfile")
-	cmd.Dir = dir
-	cmd.Env = append(environWithout("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME"),
-		"HOME="+dir, "XDG_DATA_HOME="+filepath.Join(dir, "data"), "XDG_CONFIG_HOME="+filepath.Join(dir, "config"))
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("caddy adapt %s: %v\n%s", example, err, out)
-	}
-	adapted := string(out)
-	for _, want := range []string{
-		`"upstreams":[{"dial":["10.0.0.21:10587"]},{"dial":["10.0.0.22:10587"]}]`,
-		`"selection":{"policy":"round_robin"}`,
-		`"try_duration":5000000000`,
-		`"try_interval":100000000`,
-		`"fail_duration":30000000000`,
-		`"max_fails":1`,
-		`"proxy_protocol":"v2"`,
+	for file, wants := range map[string][]string{
+		"Caddyfile": {
+			`"upstreams":[{"dial":["10.0.0.21:10587"]},{"dial":["10.0.0.22:10587"]}]`,
+			`"load_balancing":{"policy":"round_robin"}`,
+			`"health_checks":{"active":{"fall":2,"interval":10000000000,"rise":2,"timeout":5000000000},"passive":{"fail_duration":30000000000}}`,
+			`"proxy_protocol":"v2"`,
+		},
+		"proxy.Caddyfile": {
+			`"upstreams":[{"dial":["10.0.0.21:10587"]},{"dial":["10.0.0.22:10587"]}]`,
+			`"selection":{"policy":"round_robin"}`,
+			`"try_duration":5000000000`,
+			`"try_interval":100000000`,
+			`"fail_duration":30000000000`,
+			`"max_fails":1`,
+			`"proxy_protocol":"v2"`,
+		},
 	} {
-		if !strings.Contains(adapted, want) {
-			t.Errorf("the adapted example lacks %s:\n%s", want, adapted)
+		example := filepath.Join(root, "examples", "load-balancing", file)
+		dir := t.TempDir()
+		cmd := exec.Command(caddyBinary, "adapt", "--config", example, "--adapter", "caddyfile")
+		cmd.Dir = dir
+		cmd.Env = append(environWithout("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME"),
+			"HOME="+dir, "XDG_DATA_HOME="+filepath.Join(dir, "data"), "XDG_CONFIG_HOME="+filepath.Join(dir, "config"))
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("caddy adapt %s: %v\n%s", example, err, out)
+		}
+		adapted := string(out)
+		for _, want := range wants {
+			if !strings.Contains(adapted, want) {
+				t.Errorf("the adapted %s lacks %s:\n%s", file, want, adapted)
+			}
 		}
 	}
 }

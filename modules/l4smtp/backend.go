@@ -1,14 +1,11 @@
 package l4smtp
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"net"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"go.uber.org/zap"
 )
 
 // The backend: with the backend option the handler dials the mail server
@@ -25,17 +22,69 @@ type backendAddr struct {
 	address string // host:port, or the socket path
 }
 
-// setupBackends checks the backend addresses and the PROXY protocol
-// version.
+// setupBackends checks the backend options (the short form, backends, or
+// the long one, upstreams with load_balancing and health_checks) and the
+// PROXY protocol version, and builds the pool.
 func (h *Handler) setupBackends() error {
 	repl := caddy.NewReplacer()
-	h.backends = nil
-	for _, raw := range h.Backends {
+	long := len(h.Upstreams) > 0 || h.LoadBalancing != nil || h.HealthChecks != nil
+	if len(h.Backends) > 0 && long {
+		return errors.New("smtp: backends is the short form of upstreams; write upstreams (with load_balancing and health_checks) or backends, not both")
+	}
+	if long && len(h.Upstreams) == 0 {
+		return errors.New("smtp: load_balancing and health_checks need upstreams")
+	}
+	cfg := poolConfig{timeout: h.timeout.backend}
+	seen := make(map[backendAddr]bool)
+	add := func(raw string, weight int) error {
 		addr, err := parseBackend(repl.ReplaceKnown(raw, ""))
 		if err != nil {
 			return fmt.Errorf("smtp: backend %q: %w", raw, err)
 		}
-		h.backends = append(h.backends, addr)
+		if seen[addr] {
+			return fmt.Errorf("smtp: backend %q named twice", raw)
+		}
+		seen[addr] = true
+		cfg.addrs = append(cfg.addrs, addr)
+		cfg.weights = append(cfg.weights, weight)
+		return nil
+	}
+	for _, raw := range h.Backends {
+		if err := add(raw, 1); err != nil {
+			return err
+		}
+	}
+	for i, u := range h.Upstreams {
+		if u == nil || len(u.Dial) != 1 {
+			return fmt.Errorf("smtp: upstream %d: dial needs exactly one address (write one upstream per mail server)", i)
+		}
+		if u.Weight < 0 {
+			return fmt.Errorf("smtp: upstream %q: weight must not be negative, got %d", u.Dial[0], u.Weight)
+		}
+		if err := add(u.Dial[0], u.Weight); err != nil {
+			return err
+		}
+	}
+	if lb := h.LoadBalancing; lb != nil && lb.Policy != "" {
+		if !validPolicy(lb.Policy) {
+			return fmt.Errorf("smtp: load_balancing: policy must be first, round_robin, least_conn, random or ip_hash, got %q", lb.Policy)
+		}
+		cfg.policy = lb.Policy
+	}
+	if hc := h.HealthChecks; hc != nil {
+		if hc.Active != nil {
+			active, err := hc.Active.build(h.hostname)
+			if err != nil {
+				return err
+			}
+			cfg.active = active
+		}
+		if hc.Passive != nil {
+			if hc.Passive.FailDuration < 0 {
+				return fmt.Errorf("smtp: health_checks: passive fail_duration must not be negative, got %s", time.Duration(hc.Passive.FailDuration))
+			}
+			cfg.failDuration = durationOr(hc.Passive.FailDuration, defaultFailDuration)
+		}
 	}
 	switch h.ProxyProtocol {
 	case "":
@@ -47,8 +96,16 @@ func (h *Handler) setupBackends() error {
 	default:
 		return fmt.Errorf("smtp: proxy_protocol must be v1 or v2, got %q", h.ProxyProtocol)
 	}
-	if h.proxyProtocol != 0 && len(h.backends) == 0 {
+	if h.proxyProtocol != 0 && len(cfg.addrs) == 0 {
 		return errors.New("smtp: proxy_protocol applies to the backend option; with a proxy handler after smtp, set proxy_protocol there")
+	}
+	cfg.proxyProtocol = h.proxyProtocol
+	if h.pool != nil {
+		h.pool.close() // a handler set up twice (tests)
+	}
+	h.pool = nil
+	if len(cfg.addrs) > 0 {
+		h.pool = newUpstreamPool(cfg)
 	}
 	return nil
 }
@@ -71,52 +128,4 @@ func parseBackend(s string) (backendAddr, error) {
 		return backendAddr{}, fmt.Errorf("network %s cannot carry SMTP; use tcp (the default) or unix", na.Network)
 	}
 	return backendAddr{network: na.Network, address: na.JoinHostPort(0)}, nil
-}
-
-// dialBackend connects to the first backend address that answers, within
-// the backend timeout counted from start, and sends the PROXY protocol
-// header if one is configured. Each address gets an equal share of the time
-// left, so that one that drops packets (rather than refusing) does not use
-// up the time of the addresses after it.
-func (h *Handler) dialBackend(sess *session, start time.Time) (net.Conn, error) {
-	deadline := start.Add(h.timeout.backend)
-	var dialer net.Dialer
-	var errs []error
-	for i, addr := range h.backends {
-		left := len(h.backends) - i
-		share := time.Until(deadline) / time.Duration(left)
-		up, err := h.dialOne(&dialer, sess, addr, time.Now().Add(share))
-		if err == nil {
-			sess.backend = addr.address
-			return up, nil
-		}
-		metrics.backendFailures.WithLabelValues(addr.address).Inc()
-		errs = append(errs, err)
-		if left > 1 && time.Now().Before(deadline) {
-			sess.log().Warn("mail server unreachable; trying the next backend",
-				zap.String("backend", addr.address),
-				zap.Error(err))
-		}
-	}
-	return nil, fmt.Errorf("dialing the backend: %w", errors.Join(errs...))
-}
-
-// dialOne dials one backend address and sends the PROXY header, by the
-// deadline.
-func (h *Handler) dialOne(dialer *net.Dialer, sess *session, addr backendAddr, deadline time.Time) (net.Conn, error) {
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
-	defer cancel()
-	start := time.Now()
-	up, err := dialer.DialContext(ctx, addr.network, addr.address)
-	metrics.backendDial.WithLabelValues(addr.address).Observe(time.Since(start).Seconds())
-	if err != nil {
-		return nil, err
-	}
-	if h.proxyProtocol != 0 {
-		if err := h.writeProxyHeader(sess, up, deadline); err != nil {
-			_ = up.Close()
-			return nil, err
-		}
-	}
-	return up, nil
 }

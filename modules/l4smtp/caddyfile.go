@@ -13,6 +13,15 @@ import (
 //
 //	smtp <hostname> [<hostname>...] {
 //		backend <address> [<address>...]
+//		backend {
+//			to <address> [weight <n>]
+//			lb_policy first|round_robin|least_conn|random|ip_hash
+//			health_interval <duration>
+//			health_timeout  <duration>
+//			health_rise     <n>
+//			health_fall     <n>
+//			fail_duration   <duration>
+//		}
 //		proxy_protocol v1|v2
 //		xclient
 //		require_auth on|off
@@ -69,7 +78,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "backend":
 			h.Backends = d.RemainingArgs()
 			if len(h.Backends) == 0 {
-				return d.Errf("smtp option 'backend' needs at least one address, e.g. 'backend 127.0.0.1:10025'")
+				if err := h.unmarshalUpstreams(d); err != nil {
+					return err
+				}
+				continue
+			}
+			if d.NextBlock(nesting + 1) {
+				return d.Errf("smtp option 'backend' takes its addresses on its line (the short form) or as 'to' lines in its block, not both")
 			}
 
 		case "proxy_protocol":
@@ -206,7 +221,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("smtp option '%s' does not take a block", option)
 		}
 	}
-	if h.ProxyProtocol != "" && len(h.Backends) == 0 {
+	if h.ProxyProtocol != "" && len(h.Backends) == 0 && len(h.Upstreams) == 0 {
 		return d.Err("smtp option 'proxy_protocol' goes with 'backend'; with a proxy handler after smtp, set proxy_protocol in the proxy")
 	}
 	if h.XClient && h.ProxyProtocol != "" {
@@ -218,6 +233,114 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// unmarshalUpstreams reads the block of the backend option, the long form:
+// its first token is already read.
+func (h *Handler) unmarshalUpstreams(d *caddyfile.Dispenser) error {
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if seen[option] && option != "to" {
+			return d.Errf("duplicate backend option '%s'", option)
+		}
+		seen[option] = true
+		switch option {
+		case "to":
+			u := &Upstream{}
+			if !d.NextArg() {
+				return d.Errf("backend option 'to' needs an address, e.g. 'to 127.0.0.1:10025'")
+			}
+			u.Dial = []string{d.Val()}
+			for _, up := range h.Upstreams {
+				if up.Dial[0] == d.Val() {
+					return d.Errf("backend address '%s' named twice", d.Val())
+				}
+			}
+			if d.NextArg() {
+				if d.Val() != "weight" {
+					return d.Errf("backend option 'to' takes one address and optionally 'weight <n>', got '%s'; write one 'to' line per address", d.Val())
+				}
+				n, err := positiveInt(d, "weight")
+				if err != nil {
+					return err
+				}
+				u.Weight = n
+			}
+			h.Upstreams = append(h.Upstreams, u)
+		case "lb_policy":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			if !validPolicy(d.Val()) {
+				return d.Errf("backend option 'lb_policy' takes first, round_robin, least_conn, random or ip_hash, got '%s'", d.Val())
+			}
+			h.loadBalancing().Policy = d.Val()
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "health_interval", "health_timeout", "fail_duration":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(d.Val())
+			if err != nil || dur <= 0 {
+				return d.Errf("backend option '%s' takes a positive duration, got '%s'", option, d.Val())
+			}
+			switch option {
+			case "health_interval":
+				h.activeChecks().Interval = caddy.Duration(dur)
+			case "health_timeout":
+				h.activeChecks().Timeout = caddy.Duration(dur)
+			default:
+				h.healthChecks().Passive = &PassiveHealthChecks{FailDuration: caddy.Duration(dur)}
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "health_rise", "health_fall":
+			n, err := positiveInt(d, option)
+			if err != nil {
+				return err
+			}
+			if option == "health_rise" {
+				h.activeChecks().Rise = n
+			} else {
+				h.activeChecks().Fall = n
+			}
+		default:
+			return d.Errf("unknown backend option '%s' (want to, lb_policy, health_interval, health_timeout, health_rise, health_fall or fail_duration)", option)
+		}
+		if d.NextBlock(nesting + 1) {
+			return d.Errf("backend option '%s' does not take a block", option)
+		}
+	}
+	if len(h.Upstreams) == 0 {
+		return d.Err("smtp option 'backend' needs at least one address, e.g. 'backend 127.0.0.1:10025', or a block with 'to <address>' lines")
+	}
+	return nil
+}
+
+func (h *Handler) loadBalancing() *LoadBalancing {
+	if h.LoadBalancing == nil {
+		h.LoadBalancing = new(LoadBalancing)
+	}
+	return h.LoadBalancing
+}
+
+func (h *Handler) healthChecks() *HealthChecks {
+	if h.HealthChecks == nil {
+		h.HealthChecks = new(HealthChecks)
+	}
+	return h.HealthChecks
+}
+
+func (h *Handler) activeChecks() *ActiveHealthChecks {
+	hc := h.healthChecks()
+	if hc.Active == nil {
+		hc.Active = new(ActiveHealthChecks)
+	}
+	return hc.Active
 }
 
 // positiveInt reads the one argument of an option that takes a whole number

@@ -25,8 +25,7 @@ func init() {
 // Handler puts an SMTP listener behind Caddy's TLS: it terminates TLS for a
 // mail port with certificates that Caddy obtains and renews, and relays the
 // decrypted session to the backend MTA: itself, with the backend option, or
-// through the next handler (caddy-l4's proxy, for its load balancing and
-// health checks).
+// through the next handler (caddy-l4's proxy).
 //
 // With implicit_tls (port 465, RFC 8314) the TLS handshake comes first and the
 // backend's greeting is the first thing the client reads, inside TLS.
@@ -103,8 +102,21 @@ func init() {
 //		}
 //	}
 //
-// or, for caddy-l4's load balancing, without backend and with a proxy
-// handler after smtp in the route.
+// Several mail servers, balanced and health-checked (upstreams.go,
+// loadbalancing.go, healthchecks.go):
+//
+//	smtp mail.example.com {
+//		backend {
+//			to 10.0.0.21:10587 weight 2
+//			to 10.0.0.22:10587
+//			lb_policy round_robin
+//			health_interval 10s
+//			fail_duration 30s
+//		}
+//		proxy_protocol v2
+//	}
+//
+// or, without backend, a proxy handler after smtp in the route.
 type Handler struct {
 	// The names this edge answers for. The first is the name in the greeting
 	// and the EHLO reply, and the certificate that clients which send no SNI
@@ -117,13 +129,28 @@ type Handler struct {
 
 	// The mail server to relay the session to after TLS: one or more
 	// addresses, host:port or unix/<socket path>, tried in turn until one
-	// can be dialled within the backend timeout. With backends, the
-	// handler relays the session itself and is the last handler of its
-	// route; without, it hands the session to the next handler, normally
-	// caddy-l4's proxy (for its load balancing and health checks). The
-	// handler's own relay holds less memory per idle session and bounds
-	// the dial by the backend timeout. Default: none.
+	// is dialled and greets with 2xx, within the backend timeout; the
+	// short form of upstreams, with the policy "first" and no health
+	// checks. With backends (or upstreams), the handler relays the session
+	// itself and is the last handler of its route; without, it hands the
+	// session to the next handler (caddy-l4's proxy). The handler's own
+	// relay holds less memory per idle session, bounds the dial by the
+	// backend timeout and checks its upstreams in SMTP. Not with upstreams.
+	// Default: none.
 	Backends []string `json:"backends,omitempty"`
+
+	// The long form of backends: the mail servers, each with a weight,
+	// picked by load_balancing and watched by health_checks, in the shape
+	// of caddy-l4's proxy. Not with backends. Default: none.
+	Upstreams []*Upstream `json:"upstreams,omitempty"`
+
+	// How a session's upstream is picked. Only with upstreams. Default:
+	// the policy "first", the upstreams in their order.
+	LoadBalancing *LoadBalancing `json:"load_balancing,omitempty"`
+
+	// How the upstreams are checked. Only with upstreams. Default: none,
+	// every upstream is tried by every session that needs it.
+	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
 
 	// Send a PROXY protocol header, v1 or v2, to the backend before the
 	// session, with the client's address (or the one a proxy_protocol
@@ -245,7 +272,7 @@ type Handler struct {
 	limits    *connLimits
 	tlsConfig *tls.Config // shared by all connections: see setTLSConfig
 
-	backends      []backendAddr
+	pool          *upstreamPool // nil without backends: the next handler relays
 	proxyProtocol int
 	requireAuth   bool
 	passLineEnds  bool
@@ -336,14 +363,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.app.tickets.register(h.tlsConfig)
+	if h.pool != nil {
+		h.pool.start(h.logger.Named("upstreams"))
+	}
 	return nil
 }
 
 // Cleanup stops the session ticket key updates of the handler's TLS
-// configuration.
+// configuration and its upstreams' health checks.
 func (h *Handler) Cleanup() error {
 	if h.app != nil {
 		h.app.tickets.unregister(h.tlsConfig)
+	}
+	if h.pool != nil {
+		h.pool.close()
 	}
 	return nil
 }

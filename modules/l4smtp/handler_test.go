@@ -27,8 +27,8 @@ func TestSetupDefaults(t *testing.T) {
 	if h.maxErrors != 5 {
 		t.Errorf("max errors %d", h.maxErrors)
 	}
-	if h.backends != nil || h.proxyProtocol != 0 {
-		t.Errorf("backends %v, proxy protocol %d; want none", h.backends, h.proxyProtocol)
+	if h.pool != nil || h.proxyProtocol != 0 {
+		t.Errorf("backends %v, proxy protocol %d; want none", h.pool, h.proxyProtocol)
 	}
 }
 
@@ -40,8 +40,27 @@ func TestSetupBackends(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := "[{tcp 127.0.0.1:10025} {tcp 10.0.0.5:10587} {tcp [::1]:25} {unix /run/mta.sock}]"
-	if got := fmt.Sprint(h.backends); got != want || h.proxyProtocol != 1 {
+	if got := fmt.Sprint(h.pool.addrs()); got != want || h.proxyProtocol != 1 {
 		t.Errorf("backends %s, proxy protocol %d; want %s, 1", got, h.proxyProtocol, want)
+	}
+}
+
+// The long form's defaults: policy first, weight 1, checks every 30s
+// within 5s, rise and fall 1, passive fail_duration 30s.
+func TestSetupUpstreamDefaults(t *testing.T) {
+	h := &Handler{Hostnames: []string{"m.example"}, ProxyProtocol: "v2",
+		Upstreams:    []*Upstream{{Dial: []string{"127.0.0.1:10025"}}, {Dial: []string{"127.0.0.1:10026"}, Weight: 3}},
+		HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{}, Passive: &PassiveHealthChecks{}}}
+	if _, err := h.setup(); err != nil {
+		t.Fatal(err)
+	}
+	defer h.pool.close()
+	p := h.pool
+	a := p.active
+	if p.policy != "first" || p.upstreams[0].weight != 1 || p.upstreams[1].weight != 3 || p.proxyProtocol != 2 ||
+		p.failDuration != 30*time.Second || a.interval != 30*time.Second || a.timeout != 5*time.Second ||
+		a.rise != 1 || a.fall != 1 || a.ehlo != "health-check.m.example" {
+		t.Errorf("pool %+v, checks %+v", p, a)
 	}
 }
 
@@ -76,6 +95,29 @@ func TestSetupErrors(t *testing.T) {
 		{"udp backend", Handler{Hostnames: []string{"m.example"}, Backends: []string{"udp/127.0.0.1:25"}}, "cannot carry SMTP"},
 		{"proxy_protocol without backend", Handler{Hostnames: []string{"m.example"}, ProxyProtocol: "v2"}, "set proxy_protocol there"},
 		{"proxy_protocol v3", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25"}, ProxyProtocol: "v3"}, "v1 or v2"},
+		{"backends and upstreams", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25"},
+			Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:26"}}}}, "not both"},
+		{"backends and load_balancing", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25"},
+			LoadBalancing: &LoadBalancing{Policy: "random"}}, "not both"},
+		{"health_checks without upstreams", Handler{Hostnames: []string{"m.example"},
+			HealthChecks: &HealthChecks{Passive: &PassiveHealthChecks{}}}, "need upstreams"},
+		{"upstream with two addresses", Handler{Hostnames: []string{"m.example"},
+			Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25", "127.0.0.1:26"}}}}, "exactly one address"},
+		{"upstream without an address", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{}}}, "exactly one address"},
+		{"upstream twice", Handler{Hostnames: []string{"m.example"},
+			Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}, {Dial: []string{"127.0.0.1:25"}}}}, "named twice"},
+		{"negative weight", Handler{Hostnames: []string{"m.example"},
+			Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}, Weight: -1}}}, "weight must not be negative"},
+		{"bad upstream address", Handler{Hostnames: []string{"m.example"},
+			Upstreams: []*Upstream{{Dial: []string{"udp/127.0.0.1:25"}}}}, "cannot carry SMTP"},
+		{"unknown policy", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}},
+			LoadBalancing: &LoadBalancing{Policy: "weighted_round_robin"}}, "policy must be"},
+		{"negative health interval", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}},
+			HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{Interval: -1}}}, "must not be negative"},
+		{"negative rise", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}},
+			HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{Rise: -1}}}, "rise and fall must not be negative"},
+		{"negative fail_duration", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}},
+			HealthChecks: &HealthChecks{Passive: &PassiveHealthChecks{FailDuration: -1}}}, "fail_duration must not be negative"},
 		{"negative timeout", Handler{Hostnames: []string{"m.example"}, Timeouts: Timeouts{Idle: caddy.Duration(-time.Second)}}, "idle must not be negative"},
 	}
 	for _, tt := range tests {

@@ -14,14 +14,15 @@ import (
 // Identity: what the edge tells the backend about the client, which the
 // backend cannot see for itself since the edge is its peer.
 
-// writeProxyHeader tells the backend who the client is. The addresses are
+// writeProxyHeader tells the backend who the client is, with a PROXY header
+// of the given version (1 or 2). The addresses are
 // those of the client connection, or those a proxy_protocol handler in front
 // of this one has read. A v2 header also carries the TLS facts, the SNI and
 // the session id as TLVs (proxyTLVs); v1 has no room for them.
-func (h *Handler) writeProxyHeader(sess *session, up net.Conn, deadline time.Time) error {
+func writeProxyHeader(version int, sess *session, up net.Conn, deadline time.Time) error {
 	client := l4proxyprotocol.GetConn(sess.cx)
-	header := proxyproto.HeaderProxyFromAddrs(byte(h.proxyProtocol), client.RemoteAddr(), client.LocalAddr())
-	if h.proxyProtocol == 2 {
+	header := proxyproto.HeaderProxyFromAddrs(byte(version), client.RemoteAddr(), client.LocalAddr())
+	if version == 2 {
 		tlvs, err := proxyTLVs(sess)
 		if err == nil {
 			err = header.SetTLVs(tlvs)

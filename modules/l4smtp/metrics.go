@@ -36,6 +36,7 @@ type edgeMetrics struct {
 	bareLineEnds      *prometheus.CounterVec   // listener
 	authBans          prometheus.Counter       // the AUTH guard's, process-wide
 	authGuardEntries  []prometheus.Collector   // the AUTH guard's tables, by table
+	upstreams         *upstreamCollector       // upstream; read from the upstreams' states
 }
 
 func newMetrics() *edgeMetrics {
@@ -71,7 +72,7 @@ func newMetrics() *edgeMetrics {
 			"How long dialling a backend address took (the backend option), failed dials included.",
 			prometheus.DefBuckets, "backend"),
 		backendFailures: counter("backend_dial_failures_total",
-			"Dials of a backend address (the backend option) that failed.", "backend"),
+			"Attempts to use a backend address (the backend option) that failed: no connection, no greeting, or a greeting other than 2xx.", "backend"),
 		turnedAway: counter("turned_away_total",
 			"Clients turned away, by reason: max_connections, max_connections_per_ip, early_talker, injection_refused, too_many_errors, auth_banned.",
 			"listener", "reason"),
@@ -82,6 +83,7 @@ func newMetrics() *edgeMetrics {
 			"Bare CRs and bare LFs from clients after TLS that reached the backend as CRLF (bare_line_ends normalize).", "listener"),
 		authBans: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "auth_bans_total",
 			Help: "Client addresses (an IPv6 client's /64) the AUTH guard banned for failed logins."}),
+		upstreams: newUpstreamCollector(ns, sub),
 		authGuardEntries: []prometheus.Collector{
 			guardEntriesGauge(ns, sub, "addresses", func() int { return processGuard.addrs.len() }),
 			guardEntriesGauge(ns, sub, "accounts", func() int { return processGuard.accounts.len() }),
@@ -103,7 +105,7 @@ func guardEntriesGauge(ns, sub, table string, size func() int) prometheus.Collec
 func (m *edgeMetrics) register(reg *prometheus.Registry) error {
 	for _, c := range append([]prometheus.Collector{
 		m.sessions, m.activeSessions, m.sessionDuration, m.handshakes, m.handshakeDuration, m.auth,
-		m.messages, m.recipients, m.bytes, m.backendDial, m.backendFailures, m.turnedAway, m.refused, m.bareLineEnds, m.authBans,
+		m.messages, m.recipients, m.bytes, m.backendDial, m.backendFailures, m.turnedAway, m.refused, m.bareLineEnds, m.authBans, m.upstreams,
 	}, m.authGuardEntries...) {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

@@ -47,7 +47,7 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 		c.greetingSeen()
 	}
 	var wrapped *layer4.Connection
-	if len(h.backends) == 0 {
+	if h.pool == nil {
 		// wrap first: the timers write to the client through cx, and
 		// Wrap reads cx's counters
 		wrapped = cx.Wrap(c)
@@ -62,7 +62,7 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 		err = next.Handle(wrapped)
 	} else {
 		var up net.Conn
-		if up, err = h.dialBackend(sess, start); err == nil {
+		if up, err = h.pool.dial(sess, start); err == nil {
 			if !c.closed.Load() { // not ended by a timeout or the shutdown meanwhile
 				pump(c, up)
 			}
