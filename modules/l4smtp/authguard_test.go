@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -529,7 +530,14 @@ func TestAuthGuardOutlivesReload(t *testing.T) {
 	listen := ln.Addr().String()
 	ln.Close()
 	_, port, _ := net.SplitHostPort(listen)
-	storage := t.TempDir()
+	// not t.TempDir: certificate maintenance started by the load may still
+	// write into the storage while the test's cleanup removes it, which
+	// t.TempDir reports as a failure; nothing here depends on that removal
+	storage, err := os.MkdirTemp("", "authguard-reload-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(storage) })
 	load := func(greeting string) {
 		t.Helper()
 		cfg := fmt.Sprintf(`{
