@@ -127,53 +127,11 @@ type Handler struct {
 	// plaintext dialogue that leads to STARTTLS. Default: false.
 	ImplicitTLS bool `json:"implicit_tls,omitempty"`
 
-	// The mail server to relay the session to after TLS: one or more
-	// addresses, host:port or unix/<socket path>, tried in turn until one
-	// is dialled and greets with 2xx, within the backend timeout; the
-	// short form of upstreams, with the policy "first" and no health
-	// checks. With backends (or upstreams), the handler relays the session
-	// itself and is the last handler of its route; without, it hands the
-	// session to the next handler (caddy-l4's proxy). The handler's own
-	// relay holds less memory per idle session, bounds the dial by the
-	// backend timeout and checks its upstreams in SMTP. Not with upstreams.
-	// Default: none.
-	Backends []string `json:"backends,omitempty"`
-
-	// The long form of backends: the mail servers, each with a weight,
-	// picked by load_balancing and watched by health_checks, in the shape
-	// of caddy-l4's proxy. Not with backends. Default: none.
-	Upstreams []*Upstream `json:"upstreams,omitempty"`
-
-	// How a session's upstream is picked. Only with upstreams. Default:
-	// the policy "first", the upstreams in their order.
-	LoadBalancing *LoadBalancing `json:"load_balancing,omitempty"`
-
-	// How the upstreams are checked. Only with upstreams. Default: none,
-	// every upstream is tried by every session that needs it.
-	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
-
-	// Send a PROXY protocol header, v1 or v2, to the backend before the
-	// session, with the client's address (or the one a proxy_protocol
-	// handler in front of this one has read). A v2 header also carries
-	// TLVs as HAProxy writes them: PP2_TYPE_SSL (the client used TLS, its
-	// version and cipher suite by OpenSSL's names, and whether it sent a
-	// client certificate and crypto/tls verified it), PP2_TYPE_AUTHORITY
-	// (the SNI the client sent, if any) and PP2_TYPE_UNIQUE_ID (the
-	// session id of the access log). Dovecot reads the SSL TLV and treats
-	// the connection as secured; Postfix and Exim read the addresses only.
-	// Only with backends. Default: none.
-	ProxyProtocol string `json:"proxy_protocol,omitempty"`
-
-	// Tell the backend who the client is with Postfix's XCLIENT command,
-	// inside the session after TLS: the edge sends its own EHLO and then
-	// XCLIENT with the client's address and port and the address it
-	// connected to (as far as the backend offers those attributes), and
-	// relays the client only once the backend has taken it. The backend
-	// must allow the edge to use XCLIENT (Postfix:
-	// smtpd_authorized_xclient_hosts); one that does not gets the client a
-	// 421 and the operator an Error. Not with proxy_protocol: send one or the
-	// other. Default: false.
-	XClient bool `json:"xclient,omitempty"`
+	// Where the session goes after TLS, and how the backend learns who the
+	// client is: backends or upstreams, proxy_protocol, xclient. Clients
+	// that ask for a name of sni_routes by SNI go where that route says
+	// instead.
+	BackendOptions
 
 	// Answer MAIL, RCPT, DATA and BDAT with "530 5.7.0 Authentication
 	// required" until the client has authenticated (the backend's 235 to
@@ -272,10 +230,9 @@ type Handler struct {
 	limits    *connLimits
 	tlsConfig *tls.Config // shared by all connections: see setTLSConfig
 
-	pool          *upstreamPool // nil without backends: the next handler relays
-	proxyProtocol int
-	requireAuth   bool
-	passLineEnds  bool
+	route        *backendRoute // where sessions go after TLS
+	requireAuth  bool
+	passLineEnds bool
 
 	app          *App
 	ctx          caddy.Context
@@ -363,9 +320,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.app.tickets.register(h.tlsConfig)
-	if h.pool != nil {
-		h.pool.start(h.logger.Named("upstreams"))
-	}
+	h.route.start(h.logger.Named("upstreams"))
 	return nil
 }
 
@@ -375,8 +330,8 @@ func (h *Handler) Cleanup() error {
 	if h.app != nil {
 		h.app.tickets.unregister(h.tlsConfig)
 	}
-	if h.pool != nil {
-		h.pool.close()
+	if h.route != nil {
+		h.route.close()
 	}
 	return nil
 }

@@ -27,35 +27,38 @@ func TestSetupDefaults(t *testing.T) {
 	if h.maxErrors != 5 {
 		t.Errorf("max errors %d", h.maxErrors)
 	}
-	if h.pool != nil || h.proxyProtocol != 0 {
-		t.Errorf("backends %v, proxy protocol %d; want none", h.pool, h.proxyProtocol)
+	if h.route.pool != nil {
+		t.Errorf("backends %v; want none", h.route.pool)
 	}
 }
 
 func TestSetupBackends(t *testing.T) {
 	t.Setenv("SMTP_EDGE_TEST_BACKEND", "10.0.0.5:10587")
-	h := &Handler{Hostnames: []string{"m.example"}, ProxyProtocol: "v1",
-		Backends: []string{"127.0.0.1:10025", "{env.SMTP_EDGE_TEST_BACKEND}", "[::1]:25", "unix//run/mta.sock"}}
+	h := &Handler{
+		Hostnames:      []string{"m.example"},
+		BackendOptions: BackendOptions{ProxyProtocol: "v1", Backends: []string{"127.0.0.1:10025", "{env.SMTP_EDGE_TEST_BACKEND}", "[::1]:25", "unix//run/mta.sock"}},
+	}
 	if _, err := h.setup(); err != nil {
 		t.Fatal(err)
 	}
 	want := "[{tcp 127.0.0.1:10025} {tcp 10.0.0.5:10587} {tcp [::1]:25} {unix /run/mta.sock}]"
-	if got := fmt.Sprint(h.pool.addrs()); got != want || h.proxyProtocol != 1 {
-		t.Errorf("backends %s, proxy protocol %d; want %s, 1", got, h.proxyProtocol, want)
+	if got := fmt.Sprint(h.route.pool.addrs()); got != want || h.route.pool.proxyProtocol != 1 {
+		t.Errorf("backends %s, proxy protocol %d; want %s, 1", got, h.route.pool.proxyProtocol, want)
 	}
 }
 
 // The long form's defaults: policy first, weight 1, checks every 30s
 // within 5s, rise and fall 1, passive fail_duration 30s.
 func TestSetupUpstreamDefaults(t *testing.T) {
-	h := &Handler{Hostnames: []string{"m.example"}, ProxyProtocol: "v2",
-		Upstreams:    []*Upstream{{Dial: []string{"127.0.0.1:10025"}}, {Dial: []string{"127.0.0.1:10026"}, Weight: 3}},
-		HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{}, Passive: &PassiveHealthChecks{}}}
+	h := &Handler{
+		Hostnames:      []string{"m.example"},
+		BackendOptions: BackendOptions{ProxyProtocol: "v2", Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:10025"}}, {Dial: []string{"127.0.0.1:10026"}, Weight: 3}}, HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{}, Passive: &PassiveHealthChecks{}}},
+	}
 	if _, err := h.setup(); err != nil {
 		t.Fatal(err)
 	}
-	defer h.pool.close()
-	p := h.pool
+	defer h.route.pool.close()
+	p := h.route.pool
 	a := p.active
 	if p.policy != "first" || p.upstreams[0].weight != 1 || p.upstreams[1].weight != 3 || p.proxyProtocol != 2 ||
 		p.failDuration != 30*time.Second || a.interval != 30*time.Second || a.timeout != 5*time.Second ||
@@ -89,35 +92,57 @@ func TestSetupErrors(t *testing.T) {
 		{"unicode hostname", Handler{Hostnames: []string{"mäil.example.com"}}, "xn--"},
 		{"CRLF in greeting", Handler{Hostnames: []string{"m.example"}, Greeting: "hi\r\n250 x"}, "single line"},
 		{"negative max_errors", Handler{Hostnames: []string{"m.example"}, MaxErrors: -1}, "max_errors"},
-		{"backend without a port", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1"}}, `backend "127.0.0.1"`},
-		{"backend port range", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25-26"}}, "exactly one port"},
-		{"backend without a host", Handler{Hostnames: []string{"m.example"}, Backends: []string{":25"}}, "needs a host"},
-		{"udp backend", Handler{Hostnames: []string{"m.example"}, Backends: []string{"udp/127.0.0.1:25"}}, "cannot carry SMTP"},
-		{"proxy_protocol without backend", Handler{Hostnames: []string{"m.example"}, ProxyProtocol: "v2"}, "set proxy_protocol there"},
-		{"proxy_protocol v3", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25"}, ProxyProtocol: "v3"}, "v1 or v2"},
-		{"backends and upstreams", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25"},
-			Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:26"}}}}, "not both"},
-		{"backends and load_balancing", Handler{Hostnames: []string{"m.example"}, Backends: []string{"127.0.0.1:25"},
-			LoadBalancing: &LoadBalancing{Policy: "random"}}, "not both"},
-		{"health_checks without upstreams", Handler{Hostnames: []string{"m.example"},
-			HealthChecks: &HealthChecks{Passive: &PassiveHealthChecks{}}}, "need upstreams"},
-		{"upstream with two addresses", Handler{Hostnames: []string{"m.example"},
-			Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25", "127.0.0.1:26"}}}}, "exactly one address"},
-		{"upstream without an address", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{}}}, "exactly one address"},
-		{"upstream twice", Handler{Hostnames: []string{"m.example"},
-			Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}, {Dial: []string{"127.0.0.1:25"}}}}, "named twice"},
-		{"negative weight", Handler{Hostnames: []string{"m.example"},
-			Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}, Weight: -1}}}, "weight must not be negative"},
-		{"bad upstream address", Handler{Hostnames: []string{"m.example"},
-			Upstreams: []*Upstream{{Dial: []string{"udp/127.0.0.1:25"}}}}, "cannot carry SMTP"},
-		{"unknown policy", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}},
-			LoadBalancing: &LoadBalancing{Policy: "weighted_round_robin"}}, "policy must be"},
-		{"negative health interval", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}},
-			HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{Interval: -1}}}, "must not be negative"},
-		{"negative rise", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}},
-			HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{Rise: -1}}}, "rise and fall must not be negative"},
-		{"negative fail_duration", Handler{Hostnames: []string{"m.example"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}},
-			HealthChecks: &HealthChecks{Passive: &PassiveHealthChecks{FailDuration: -1}}}, "fail_duration must not be negative"},
+		{"backend without a port", Handler{Hostnames: []string{"m.example"}, BackendOptions: BackendOptions{Backends: []string{"127.0.0.1"}}}, `backend "127.0.0.1"`},
+		{"backend port range", Handler{Hostnames: []string{"m.example"}, BackendOptions: BackendOptions{Backends: []string{"127.0.0.1:25-26"}}}, "exactly one port"},
+		{"backend without a host", Handler{Hostnames: []string{"m.example"}, BackendOptions: BackendOptions{Backends: []string{":25"}}}, "needs a host"},
+		{"udp backend", Handler{Hostnames: []string{"m.example"}, BackendOptions: BackendOptions{Backends: []string{"udp/127.0.0.1:25"}}}, "cannot carry SMTP"},
+		{"proxy_protocol without backend", Handler{Hostnames: []string{"m.example"}, BackendOptions: BackendOptions{ProxyProtocol: "v2"}}, "set proxy_protocol there"},
+		{"proxy_protocol v3", Handler{Hostnames: []string{"m.example"}, BackendOptions: BackendOptions{Backends: []string{"127.0.0.1:25"}, ProxyProtocol: "v3"}}, "v1 or v2"},
+		{"backends and upstreams", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Backends: []string{"127.0.0.1:25"}, Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:26"}}}},
+		}, "not both"},
+		{"backends and load_balancing", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Backends: []string{"127.0.0.1:25"}, LoadBalancing: &LoadBalancing{Policy: "random"}},
+		}, "not both"},
+		{"health_checks without upstreams", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{HealthChecks: &HealthChecks{Passive: &PassiveHealthChecks{}}},
+		}, "need upstreams"},
+		{"upstream with two addresses", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25", "127.0.0.1:26"}}}},
+		}, "exactly one address"},
+		{"upstream without an address", Handler{Hostnames: []string{"m.example"}, BackendOptions: BackendOptions{Upstreams: []*Upstream{{}}}}, "exactly one address"},
+		{"upstream twice", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}, {Dial: []string{"127.0.0.1:25"}}}},
+		}, "named twice"},
+		{"negative weight", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}, Weight: -1}}},
+		}, "weight must not be negative"},
+		{"bad upstream address", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Upstreams: []*Upstream{{Dial: []string{"udp/127.0.0.1:25"}}}},
+		}, "cannot carry SMTP"},
+		{"unknown policy", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}}, LoadBalancing: &LoadBalancing{Policy: "weighted_round_robin"}},
+		}, "policy must be"},
+		{"negative health interval", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}}, HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{Interval: -1}}},
+		}, "must not be negative"},
+		{"negative rise", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}}, HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{Rise: -1}}},
+		}, "rise and fall must not be negative"},
+		{"negative fail_duration", Handler{
+			Hostnames:      []string{"m.example"},
+			BackendOptions: BackendOptions{Upstreams: []*Upstream{{Dial: []string{"127.0.0.1:25"}}}, HealthChecks: &HealthChecks{Passive: &PassiveHealthChecks{FailDuration: -1}}},
+		}, "fail_duration must not be negative"},
 		{"negative timeout", Handler{Hostnames: []string{"m.example"}, Timeouts: Timeouts{Idle: caddy.Duration(-time.Second)}}, "idle must not be negative"},
 	}
 	for _, tt := range tests {

@@ -1,9 +1,6 @@
 package l4smtp
 
-import (
-	"errors"
-	"fmt"
-)
+import "fmt"
 
 // The options of the edge's reading of the session after TLS (tracker.go):
 // which commands the edge answers itself, and how line ends reach the
@@ -19,9 +16,6 @@ func (h *Handler) setupReading() error {
 		h.passLineEnds = true
 	default:
 		return fmt.Errorf("smtp: bare_line_ends must be normalize or pass, got %q", h.BareLineEnds)
-	}
-	if h.XClient && h.proxyProtocol != 0 {
-		return errors.New("smtp: xclient and proxy_protocol both tell the backend who the client is; use one of them")
 	}
 	return nil
 }

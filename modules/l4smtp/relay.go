@@ -28,7 +28,8 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 	c.filter.swallowGreeting = !sess.implicit
 	c.filter.tracker = &c.tracker
 	h.setupTracker(&c.tracker, sess)
-	if h.XClient {
+	route := h.route
+	if route.xclient {
 		c.xclient = xclientEHLO
 	}
 	if sess.enter(c) {
@@ -47,7 +48,7 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 		c.greetingSeen()
 	}
 	var wrapped *layer4.Connection
-	if h.pool == nil {
+	if route.pool == nil {
 		// wrap first: the timers write to the client through cx, and
 		// Wrap reads cx's counters
 		wrapped = cx.Wrap(c)
@@ -62,7 +63,7 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 		err = next.Handle(wrapped)
 	} else {
 		var up net.Conn
-		if up, err = h.pool.dial(sess, start); err == nil {
+		if up, err = route.pool.dial(sess, start); err == nil {
 			if !c.closed.Load() { // not ended by a timeout or the shutdown meanwhile
 				pump(c, up)
 			}

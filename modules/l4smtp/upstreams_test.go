@@ -372,7 +372,7 @@ func TestHealthCheckerStopsOnCleanup(t *testing.T) {
 		h.Upstreams = []*Upstream{{Dial: []string{mta.ln.Addr().String()}}}
 		h.HealthChecks = &HealthChecks{Active: &ActiveHealthChecks{Interval: caddy.Duration(time.Millisecond)}}
 	})
-	h.pool.start(zap.NewNop())
+	h.route.pool.start(zap.NewNop())
 	for range 3 { // the checker runs, again and again
 		<-mta.ehlos
 	}
@@ -380,11 +380,11 @@ func TestHealthCheckerStopsOnCleanup(t *testing.T) {
 		t.Fatal(err)
 	}
 	select {
-	case <-h.pool.done:
+	case <-h.route.pool.done:
 	default:
 		t.Fatal("Cleanup returned with the checker still running")
 	}
-	if _, ok := upstreamStates.m[h.pool.upstreams[0].addr]; ok {
+	if _, ok := upstreamStates.m[h.route.pool.upstreams[0].addr]; ok {
 		t.Error("the upstream's state outlived the last pool that names it")
 	}
 }
@@ -416,8 +416,8 @@ func TestPassiveHealthRetriesNextUpstream(t *testing.T) {
 				h.Upstreams = []*Upstream{{Dial: []string{first}}, {Dial: []string{via.ln.Addr().String()}}}
 				h.HealthChecks = &HealthChecks{Passive: &PassiveHealthChecks{}}
 			})
-			t.Cleanup(h.pool.close)
-			h.pool.logger = h.logger
+			t.Cleanup(h.route.pool.close)
+			h.route.pool.logger = h.logger
 			conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
 				b.send("220 backend ESMTP\r\n")
 				b.expect("QUIT")
@@ -433,7 +433,7 @@ func TestPassiveHealthRetriesNextUpstream(t *testing.T) {
 			if err := <-done; err != nil {
 				t.Fatal(err)
 			}
-			if got := names2(h.pool.order(netip.Addr{})); got != via.ln.Addr().String() {
+			if got := names2(h.route.pool.order(netip.Addr{})); got != via.ln.Addr().String() {
 				t.Errorf("order %s: the first upstream is not down", got)
 			}
 			if logs.FilterMessage("mail server down").Len() != 1 {
@@ -518,8 +518,8 @@ func TestLeastConnCountsDown(t *testing.T) {
 					h.Timeouts.Idle = caddy.Duration(50 * time.Millisecond)
 				}
 			})
-			t.Cleanup(h.pool.close)
-			state := h.pool.upstreams[0].state
+			t.Cleanup(h.route.pool.close)
+			state := h.route.pool.upstreams[0].state
 			during := int64(-1)
 			conn, r, done := serveRelay(t, h, via, false, e.script)
 			e.client(t, conn, r, func() { during = state.active.Load() })
