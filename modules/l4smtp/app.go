@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
@@ -243,15 +244,35 @@ func (s servedHandler) fields() []zap.Field {
 	if s.handler.ImplicitTLS {
 		mode = "implicit"
 	}
-	backends := s.handler.Backends
-	if len(backends) == 0 {
-		backends = []string{"the next handler"}
-	}
-	return []zap.Field{
+	fields := []zap.Field{
 		zap.String("server", s.server),
 		zap.Strings("listen", s.listen),
 		zap.String("mode", mode),
 		zap.Strings("hostnames", s.handler.Hostnames),
-		zap.Strings("backends", backends),
+		zap.Strings("backends", s.handler.BackendOptions.addresses()),
 	}
+	if len(s.handler.SNIRoutes) > 0 {
+		routes := make([]string, 0, len(s.handler.SNIRoutes))
+		for _, r := range s.handler.SNIRoutes {
+			if r != nil {
+				routes = append(routes, strings.Join(r.SNI, " ")+": "+strings.Join(r.addresses(), " "))
+			}
+		}
+		fields = append(fields, zap.Strings("sni_routes", routes))
+	}
+	return fields
+}
+
+// addresses are the backend addresses as written, or the next handler.
+func (o *BackendOptions) addresses() []string {
+	addrs := slices.Clone(o.Backends)
+	for _, u := range o.Upstreams {
+		if u != nil {
+			addrs = append(addrs, u.Dial...)
+		}
+	}
+	if len(addrs) == 0 {
+		return []string{"the next handler"}
+	}
+	return addrs
 }

@@ -3,6 +3,7 @@ package l4smtp
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -82,17 +83,88 @@ type backendRoute struct {
 	xclient bool
 }
 
-// setupBackends sets up the handler's backend options.
-func (h *Handler) setupBackends() error {
+// SNIRoute sends the clients that ask for some of the handler's hostnames by
+// SNI to backends of their own (multi-tenant: one edge, a mail server per
+// customer domain).
+type SNIRoute struct {
+	// The hostnames this route applies to, each one of the handler's
+	// hostnames. Required.
+	SNI []string `json:"sni,omitempty"`
+
+	// Where these clients go, and how their backend learns who the client
+	// is, as the handler's own options say for the others; backends or
+	// upstreams are required.
+	BackendOptions
+}
+
+// setupBackends sets up the handler's backend options and its routes by
+// SNI. names are the handler's hostnames, cleaned up.
+func (h *Handler) setupBackends(names []string) error {
 	if h.route != nil {
 		h.route.close() // a handler set up twice (tests)
 	}
+	for _, r := range h.sniRoutes {
+		r.close()
+	}
+	h.routes, h.sniRoutes = nil, nil
 	route, err := h.BackendOptions.setup(h.hostname, h.timeout.backend)
 	if err != nil {
 		return fmt.Errorf("smtp: %w", err)
 	}
 	h.route = route
+	if len(h.SNIRoutes) == 0 {
+		return nil
+	}
+	hostnames := make(map[string]bool, len(names))
+	for _, n := range names {
+		hostnames[n] = true
+	}
+	h.routes = make(map[string]*backendRoute)
+	ok := false
+	defer func() {
+		if !ok { // release what was set up: Cleanup does not follow a failed Provision
+			h.route.close()
+			for _, r := range h.sniRoutes {
+				r.close()
+			}
+		}
+	}()
+	for i, r := range h.SNIRoutes {
+		if r == nil || len(r.SNI) == 0 {
+			return fmt.Errorf("smtp: sni_routes %d: needs at least one hostname in sni", i)
+		}
+		if len(r.Backends) == 0 && len(r.Upstreams) == 0 {
+			return fmt.Errorf("smtp: sni_routes %v: needs backends or upstreams", r.SNI)
+		}
+		route, err := r.BackendOptions.setup(h.hostname, h.timeout.backend)
+		if err != nil {
+			return fmt.Errorf("smtp: sni_routes %v: %w", r.SNI, err)
+		}
+		h.sniRoutes = append(h.sniRoutes, route)
+		for _, raw := range r.SNI {
+			name := strings.ToLower(strings.TrimSuffix(raw, "."))
+			switch {
+			case !hostnames[name]:
+				return fmt.Errorf("smtp: sni_routes: %q is not one of the handler's hostnames %v (a route applies to names the edge has a certificate for)", raw, names)
+			case h.routes[name] != nil:
+				return fmt.Errorf("smtp: sni_routes: %q is in two routes", raw)
+			}
+			h.routes[name] = route
+		}
+	}
+	ok = true
 	return nil
+}
+
+// routeFor is where the session goes after TLS: the route of the name the
+// client asked for by SNI, or the handler's own.
+func (h *Handler) routeFor(sess *session) *backendRoute {
+	if sess.tls != nil && len(h.routes) > 0 {
+		if r := h.routes[strings.ToLower(sess.tls.ServerName)]; r != nil {
+			return r
+		}
+	}
+	return h.route
 }
 
 // setup checks the backend options (the short form, backends, or the long

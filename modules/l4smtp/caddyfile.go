@@ -1,7 +1,9 @@
 package l4smtp
 
 import (
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -24,6 +26,11 @@ import (
 //		}
 //		proxy_protocol v1|v2
 //		xclient
+//		sni <hostname>... {
+//			backend ...
+//			proxy_protocol v1|v2
+//			xclient
+//		}
 //		require_auth on|off
 //		bare_line_ends normalize|pass
 //		implicit_tls
@@ -63,7 +70,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		option := d.Val()
-		if seen[option] && option != "connection_policy" {
+		if seen[option] && option != "connection_policy" && option != "sni" {
 			return d.Errf("duplicate smtp option '%s'", option)
 		}
 		seen[option] = true
@@ -75,37 +82,22 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.ImplicitTLS = true
 
-		case "backend":
-			h.Backends = d.RemainingArgs()
-			if len(h.Backends) == 0 {
-				if err := h.unmarshalUpstreams(d); err != nil {
-					return err
-				}
-				continue
+		case "backend", "proxy_protocol", "xclient":
+			if err := h.BackendOptions.unmarshalOption(d, option); err != nil {
+				return err
 			}
-			if d.NextBlock(nesting + 1) {
-				return d.Errf("smtp option 'backend' takes its addresses on its line (the short form) or as 'to' lines in its block, not both")
-			}
+			continue
 
-		case "proxy_protocol":
-			if !d.NextArg() {
-				return d.ArgErr()
+		case "sni":
+			r := &SNIRoute{SNI: d.RemainingArgs()}
+			if len(r.SNI) == 0 {
+				return d.Err("smtp option 'sni' needs the hostnames it applies to, e.g. 'sni mail.b.example { backend 127.0.0.1:10026 }'")
 			}
-			switch d.Val() {
-			case "v1", "v2":
-				h.ProxyProtocol = d.Val()
-			default:
-				return d.Errf("smtp option 'proxy_protocol' takes v1 or v2, got '%s'", d.Val())
+			if err := r.unmarshalCaddyfile(d); err != nil {
+				return err
 			}
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-
-		case "xclient":
-			if d.NextArg() {
-				return d.Errf("smtp option 'xclient' takes no arguments")
-			}
-			h.XClient = true
+			h.SNIRoutes = append(h.SNIRoutes, r)
+			continue
 
 		case "require_auth":
 			if !d.NextArg() {
@@ -221,11 +213,21 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("smtp option '%s' does not take a block", option)
 		}
 	}
-	if h.ProxyProtocol != "" && len(h.Backends) == 0 && len(h.Upstreams) == 0 {
-		return d.Err("smtp option 'proxy_protocol' goes with 'backend'; with a proxy handler after smtp, set proxy_protocol in the proxy")
+	if err := h.BackendOptions.checkCaddyfile(d, "smtp"); err != nil {
+		return err
 	}
-	if h.XClient && h.ProxyProtocol != "" {
-		return d.Err("smtp options 'xclient' and 'proxy_protocol' both tell the backend who the client is; use one of them")
+	routed := make(map[string]bool)
+	for _, r := range h.SNIRoutes {
+		for _, name := range r.SNI {
+			name = strings.ToLower(strings.TrimSuffix(name, "."))
+			if !slices.ContainsFunc(h.Hostnames, func(host string) bool { return strings.EqualFold(strings.TrimSuffix(host, "."), name) }) {
+				return d.Errf("smtp option 'sni %s': not one of the hostnames %v (a route applies to names the edge has a certificate for)", name, h.Hostnames)
+			}
+			if routed[name] {
+				return d.Errf("smtp option 'sni': %s is in two sni blocks", name)
+			}
+			routed[name] = true
+		}
 	}
 	if h.EarlyTalker == "reject" && h.DetectTLS > 0 {
 		if err := detectWithinPregreet(time.Duration(h.DetectTLS), durationOr(h.Timeouts.Pregreet, defaultPregreet)); err != nil {
@@ -235,9 +237,96 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
+// unmarshalOption reads one of the backend options: backend (the short
+// form on its line, or the long form in its block), proxy_protocol,
+// xclient. Its name is the current token.
+func (o *BackendOptions) unmarshalOption(d *caddyfile.Dispenser, option string) error {
+	nesting := d.Nesting()
+	switch option {
+	case "backend":
+		o.Backends = d.RemainingArgs()
+		if len(o.Backends) == 0 {
+			return o.unmarshalUpstreams(d)
+		}
+		if d.NextBlock(nesting) {
+			return d.Errf("smtp option 'backend' takes its addresses on its line (the short form) or as 'to' lines in its block, not both")
+		}
+		return nil
+
+	case "proxy_protocol":
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		switch d.Val() {
+		case "v1", "v2":
+			o.ProxyProtocol = d.Val()
+		default:
+			return d.Errf("smtp option 'proxy_protocol' takes v1 or v2, got '%s'", d.Val())
+		}
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+
+	case "xclient":
+		if d.NextArg() {
+			return d.Errf("smtp option 'xclient' takes no arguments")
+		}
+		o.XClient = true
+	}
+	if d.NextBlock(nesting) {
+		return d.Errf("smtp option '%s' does not take a block", option)
+	}
+	return nil
+}
+
+// checkCaddyfile checks the backend options of a block (where: smtp, or
+// sni) once it is read.
+func (o *BackendOptions) checkCaddyfile(d *caddyfile.Dispenser, where string) error {
+	if o.ProxyProtocol != "" && len(o.Backends) == 0 && len(o.Upstreams) == 0 {
+		if where == "smtp" {
+			return d.Err("smtp option 'proxy_protocol' goes with 'backend'; with a proxy handler after smtp, set proxy_protocol in the proxy")
+		}
+		return d.Errf("%s option 'proxy_protocol' goes with 'backend'", where)
+	}
+	if o.XClient && o.ProxyProtocol != "" {
+		return d.Errf("%s options 'xclient' and 'proxy_protocol' both tell the backend who the client is; use one of them", where)
+	}
+	return nil
+}
+
+// unmarshalCaddyfile reads the block of an sni option: its names are read.
+//
+//	sni <hostname>... {
+//		backend <address>... | { ... }
+//		proxy_protocol v1|v2
+//		xclient
+//	}
+func (r *SNIRoute) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if seen[option] {
+			return d.Errf("duplicate sni option '%s'", option)
+		}
+		seen[option] = true
+		switch option {
+		case "backend", "proxy_protocol", "xclient":
+			if err := r.BackendOptions.unmarshalOption(d, option); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("unknown sni option '%s' (want backend, proxy_protocol or xclient)", option)
+		}
+	}
+	if len(r.Backends) == 0 && len(r.Upstreams) == 0 {
+		return d.Errf("smtp option 'sni %s' needs a backend", strings.Join(r.SNI, " "))
+	}
+	return r.BackendOptions.checkCaddyfile(d, "sni")
+}
+
 // unmarshalUpstreams reads the block of the backend option, the long form:
 // its first token is already read.
-func (h *Handler) unmarshalUpstreams(d *caddyfile.Dispenser) error {
+func (o *BackendOptions) unmarshalUpstreams(d *caddyfile.Dispenser) error {
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		option := d.Val()
@@ -252,7 +341,7 @@ func (h *Handler) unmarshalUpstreams(d *caddyfile.Dispenser) error {
 				return d.Errf("backend option 'to' needs an address, e.g. 'to 127.0.0.1:10025'")
 			}
 			u.Dial = []string{d.Val()}
-			for _, up := range h.Upstreams {
+			for _, up := range o.Upstreams {
 				if up.Dial[0] == d.Val() {
 					return d.Errf("backend address '%s' named twice", d.Val())
 				}
@@ -267,7 +356,7 @@ func (h *Handler) unmarshalUpstreams(d *caddyfile.Dispenser) error {
 				}
 				u.Weight = n
 			}
-			h.Upstreams = append(h.Upstreams, u)
+			o.Upstreams = append(o.Upstreams, u)
 		case "lb_policy":
 			if !d.NextArg() {
 				return d.ArgErr()
@@ -275,7 +364,7 @@ func (h *Handler) unmarshalUpstreams(d *caddyfile.Dispenser) error {
 			if !validPolicy(d.Val()) {
 				return d.Errf("backend option 'lb_policy' takes first, round_robin, least_conn, random or ip_hash, got '%s'", d.Val())
 			}
-			h.loadBalancing().Policy = d.Val()
+			o.loadBalancing().Policy = d.Val()
 			if d.NextArg() {
 				return d.ArgErr()
 			}
@@ -289,11 +378,11 @@ func (h *Handler) unmarshalUpstreams(d *caddyfile.Dispenser) error {
 			}
 			switch option {
 			case "health_interval":
-				h.activeChecks().Interval = caddy.Duration(dur)
+				o.activeChecks().Interval = caddy.Duration(dur)
 			case "health_timeout":
-				h.activeChecks().Timeout = caddy.Duration(dur)
+				o.activeChecks().Timeout = caddy.Duration(dur)
 			default:
-				h.healthChecks().Passive = &PassiveHealthChecks{FailDuration: caddy.Duration(dur)}
+				o.healthChecks().Passive = &PassiveHealthChecks{FailDuration: caddy.Duration(dur)}
 			}
 			if d.NextArg() {
 				return d.ArgErr()
@@ -304,9 +393,9 @@ func (h *Handler) unmarshalUpstreams(d *caddyfile.Dispenser) error {
 				return err
 			}
 			if option == "health_rise" {
-				h.activeChecks().Rise = n
+				o.activeChecks().Rise = n
 			} else {
-				h.activeChecks().Fall = n
+				o.activeChecks().Fall = n
 			}
 		default:
 			return d.Errf("unknown backend option '%s' (want to, lb_policy, health_interval, health_timeout, health_rise, health_fall or fail_duration)", option)
@@ -315,28 +404,28 @@ func (h *Handler) unmarshalUpstreams(d *caddyfile.Dispenser) error {
 			return d.Errf("backend option '%s' does not take a block", option)
 		}
 	}
-	if len(h.Upstreams) == 0 {
+	if len(o.Upstreams) == 0 {
 		return d.Err("smtp option 'backend' needs at least one address, e.g. 'backend 127.0.0.1:10025', or a block with 'to <address>' lines")
 	}
 	return nil
 }
 
-func (h *Handler) loadBalancing() *LoadBalancing {
-	if h.LoadBalancing == nil {
-		h.LoadBalancing = new(LoadBalancing)
+func (o *BackendOptions) loadBalancing() *LoadBalancing {
+	if o.LoadBalancing == nil {
+		o.LoadBalancing = new(LoadBalancing)
 	}
-	return h.LoadBalancing
+	return o.LoadBalancing
 }
 
-func (h *Handler) healthChecks() *HealthChecks {
-	if h.HealthChecks == nil {
-		h.HealthChecks = new(HealthChecks)
+func (o *BackendOptions) healthChecks() *HealthChecks {
+	if o.HealthChecks == nil {
+		o.HealthChecks = new(HealthChecks)
 	}
-	return h.HealthChecks
+	return o.HealthChecks
 }
 
-func (h *Handler) activeChecks() *ActiveHealthChecks {
-	hc := h.healthChecks()
+func (o *BackendOptions) activeChecks() *ActiveHealthChecks {
+	hc := o.healthChecks()
 	if hc.Active == nil {
 		hc.Active = new(ActiveHealthChecks)
 	}

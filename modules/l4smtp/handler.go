@@ -133,6 +133,16 @@ type Handler struct {
 	// instead.
 	BackendOptions
 
+	// Backends of their own for some of the hostnames: a client that asks
+	// for one of a route's names by SNI (with implicit TLS, or in its
+	// STARTTLS handshake) is relayed to that route's backends, with its
+	// proxy_protocol or xclient; every other client (no SNI, another
+	// hostname, a name the edge has no certificate for) goes to the
+	// handler's own backend options. A route's names must be hostnames of
+	// the handler, each in one route at most, and a route needs backends
+	// or upstreams. Default: none.
+	SNIRoutes []*SNIRoute `json:"sni_routes,omitempty"`
+
 	// Answer MAIL, RCPT, DATA and BDAT with "530 5.7.0 Authentication
 	// required" until the client has authenticated (the backend's 235 to
 	// AUTH, or a client certificate verified under client_auth), so that
@@ -230,7 +240,9 @@ type Handler struct {
 	limits    *connLimits
 	tlsConfig *tls.Config // shared by all connections: see setTLSConfig
 
-	route        *backendRoute // where sessions go after TLS
+	route        *backendRoute            // where sessions go after TLS
+	routes       map[string]*backendRoute // by SNI: sni_routes
+	sniRoutes    []*backendRoute          // the same, each once
 	requireAuth  bool
 	passLineEnds bool
 
@@ -321,6 +333,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.app.tickets.register(h.tlsConfig)
 	h.route.start(h.logger.Named("upstreams"))
+	for _, r := range h.sniRoutes {
+		r.start(h.logger.Named("upstreams"))
+	}
 	return nil
 }
 
@@ -332,6 +347,9 @@ func (h *Handler) Cleanup() error {
 	}
 	if h.route != nil {
 		h.route.close()
+	}
+	for _, r := range h.sniRoutes {
+		r.close()
 	}
 	return nil
 }
@@ -384,7 +402,7 @@ func (h *Handler) setup() ([]string, error) {
 	}
 	h.limits = &connLimits{max: h.MaxConnections, maxPerIP: h.MaxConnectionsPerIP}
 
-	if err := h.setupBackends(); err != nil {
+	if err := h.setupBackends(names); err != nil {
 		return nil, err
 	}
 	if err := h.setupReading(); err != nil {

@@ -28,7 +28,7 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 	c.filter.swallowGreeting = !sess.implicit
 	c.filter.tracker = &c.tracker
 	h.setupTracker(&c.tracker, sess)
-	route := h.route
+	route := h.routeFor(sess)
 	if route.xclient {
 		c.xclient = xclientEHLO
 	}
