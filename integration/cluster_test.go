@@ -96,6 +96,20 @@ func TestCluster(t *testing.T) {
 	viaHAProxyImplicit := listener{name: "HAProxy submissions", mode: implicitTLS, addr: hp.submissions}
 	clientTLS := &tls.Config{ServerName: clusterHost, RootCAs: pebble.roots, MinVersion: tls.VersionTLS12}
 
+	// HAProxy's smtpchk is answered by each edge before STARTTLS, through
+	// its proxy_protocol handler (the check's LOCAL header leaves HAProxy's
+	// own address): a session that ends with QUIT and never starts TLS.
+	t.Run("health checks", func(t *testing.T) {
+		for _, e := range edges {
+			lines := waitClusterAccessLines(t, []*clusterEdge{e}, func(l map[string]any) bool {
+				return l["client_ip"] == "127.0.0.1" && l["mode"] == "starttls" && l["outcome"] == "quit" && l["tls"] == nil
+			}, 1)
+			if len(lines) == 0 {
+				t.Errorf("%s logged no health check session", e.name)
+			}
+		}
+	})
+
 	// (1) One issuance between the two edges, and both serve it on both
 	// listeners, directly and through HAProxy on each edge.
 	var first string
