@@ -807,9 +807,16 @@ func smtpClientFrom(l listener, cfg *tls.Config, localIP string) (*smtp.Client, 
 	if err != nil {
 		return nil, err
 	}
+	return smtpClientOn(conn, l.mode, cfg)
+}
+
+// smtpClientOn is smtpClientFrom on a connection the caller has made (and
+// perhaps written a PROXY header on); it closes conn on failure.
+func smtpClientOn(conn net.Conn, mode tlsMode, cfg *tls.Config) (*smtp.Client, error) {
 	_ = conn.SetDeadline(time.Now().Add(ioTimeout))
 	var c *smtp.Client
-	if l.mode == implicitTLS {
+	var err error
+	if mode == implicitTLS {
 		tlsConn := tls.Client(conn, cfg)
 		if err := tlsConn.Handshake(); err != nil {
 			conn.Close()
@@ -825,7 +832,7 @@ func smtpClientFrom(l listener, cfg *tls.Config, localIP string) (*smtp.Client, 
 		c.Close()
 		return nil, fmt.Errorf("EHLO: %w", err)
 	}
-	if l.mode == startTLS {
+	if mode == startTLS {
 		// STARTTLS, the handshake, and EHLO again
 		if err := c.StartTLS(cfg); err != nil {
 			c.Close()
