@@ -559,11 +559,23 @@ func (t *transactionTracker) scanBody(p []byte) (int, bool) {
 // "." at a line start is held until the next bytes show which it is.
 func (t *transactionTracker) normalizeContent(dst, p []byte) ([]byte, int, bool) {
 	i := 0
+	slow := false // a bare line end is in p: line by line from there
 	for i < len(p) {
 		c := p[i]
 		switch t.body {
 		case bodyMid:
-			// the bulk of the content: up to the next CR or LF at once
+			if !slow {
+				// the bulk of the content: clean lines at once
+				n := cleanLines(p[i:])
+				if n > 0 {
+					dst = append(dst, p[i:i+n]...)
+					i += n
+					t.body = bodyLineStart
+					continue
+				}
+				slow = true
+			}
+			// up to the next CR or LF
 			j := indexLineEnd(p[i:])
 			if j < 0 {
 				return append(dst, p[i:]...), len(p), false
@@ -643,6 +655,33 @@ func (t *transactionTracker) normalizeContent(dst, p []byte) ([]byte, int, bool)
 		i++
 	}
 	return dst, len(p), false
+}
+
+// cleanLines is the length of the longest start of p that ends with CRLF and
+// holds no bare CR or LF and no "." at the start of a line after its first:
+// bytes that pass as they are. One search per line for its LF, and one
+// count of the CRs of them all: as many CRs as CRLFs means no bare CR.
+func cleanLines(p []byte) int {
+	n, lines := 0, 0
+	for {
+		j := bytes.IndexByte(p[n:], '\n')
+		if j < 0 {
+			break
+		}
+		j += n
+		if j == 0 || p[j-1] != '\r' {
+			break // a bare LF: the lines before it
+		}
+		lines++
+		n = j + 1
+		if n < len(p) && p[n] == '.' {
+			break
+		}
+	}
+	if n == 0 || bytes.Count(p[:n], []byte{'\r'}) != lines {
+		return 0
+	}
+	return n
 }
 
 func (t *transactionTracker) bare() { t.facts.bareLineEnds++ }
