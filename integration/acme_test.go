@@ -36,7 +36,7 @@ const (
 
 // acmeEdge is a caddy whose edge gets its certificates from pebble: an
 // implicit-TLS and a STARTTLS listener with the same smtp hostnames, in
-// front of an in-process sink.
+// front of an in-process sink (which has no AUTH: require_auth off).
 type acmeEdge struct {
 	pebble    *pebbleCA
 	proc      *caddyProc
@@ -105,6 +105,8 @@ func startACMEEdge(t *testing.T, pebble *pebbleCA, hostnames []string, opts acme
 				smtp %s {
 					implicit_tls
 					backend %s
+					# the test's sink has no AUTH; these tests are about certificates
+					require_auth off
 				}
 			}
 		}
@@ -112,6 +114,7 @@ func startACMEEdge(t *testing.T, pebble *pebbleCA, hostnames []string, opts acme
 			route {
 				smtp %s {
 					backend %s
+					require_auth off
 				}
 			}
 		}
@@ -201,7 +204,7 @@ func TestACMECertificates(t *testing.T) {
 		// a whole session, verified by the client against pebble's root
 		c := smtpClient(t, l, e.proc.tlsConfig(acmeHost))
 		token := uniqueToken(t) + "-" + l.name
-		if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "via "+l.name)); err != nil {
+		if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "via "+l.name)); err != nil {
 			t.Fatalf("%s: delivery: %v", l.name, err)
 		}
 		e.sink.wait(t, token)
@@ -333,7 +336,7 @@ func TestACMERenewal(t *testing.T) {
 	}
 	c := smtpClient(t, e.starttls, e.proc.tlsConfig(acmeHost))
 	token := uniqueToken(t)
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "after renewal")); err != nil {
+	if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "after renewal")); err != nil {
 		t.Fatalf("delivery after renewal: %v", err)
 	}
 	e.sink.wait(t, token)

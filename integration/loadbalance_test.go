@@ -205,6 +205,9 @@ func TestLoadBalancingFailover(t *testing.T) {
 		l := env.listeners[i%2]
 		token := fmt.Sprintf("%s-inflight-%d-%d", uniqueToken(t), i, time.Now().UnixNano())
 		c := smtpClient(t, l, env.edge.tlsConfig(firstHost))
+		if err := authenticate(c); err != nil {
+			t.Fatalf("in-flight session %d: %v", i, err)
+		}
 		if err := c.Mail("sender@example.com"); err != nil {
 			t.Fatalf("in-flight session %d: MAIL: %v", i, err)
 		}

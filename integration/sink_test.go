@@ -344,8 +344,8 @@ func eightBitMessage(token string, size int) []byte {
 	return b.Bytes()
 }
 
-// testPipelining: MAIL, RCPT, RCPT and DATA in one write after TLS, the
-// replies read afterwards; then the message and QUIT in one write.
+// testPipelining: after AUTH, MAIL, RCPT, RCPT and DATA in one write after
+// TLS, the replies read afterwards; then the message and QUIT in one write.
 func testPipelining(t *testing.T, env *sinkEnv, l listener) {
 	s := rawTLSSession(t, l, env.proc.tlsConfig(firstHost))
 	if l.mode == implicitTLS {
@@ -356,6 +356,7 @@ func testPipelining(t *testing.T, env *sinkEnv, l listener) {
 	if lines := s.ehlo(t); !hasExtension(lines, "PIPELINING") {
 		t.Fatalf("EHLO after TLS does not list PIPELINING: %q", lines)
 	}
+	s.authPlain(t)
 	token := uniqueToken(t)
 	msg := testMessage(token, "pipelined through "+l.name)
 	commands := "MAIL FROM:<sender@example.com>\r\n" +
@@ -412,11 +413,15 @@ func testAccounting(t *testing.T, env *sinkEnv) {
 				return
 			}
 			defer c.Close()
+			if err := authenticate(c); err != nil {
+				t.Errorf("session %d: %v", i, err)
+				return
+			}
 			for j := range perSession {
 				token := fmt.Sprintf("%s-s%d-m%d", base, i, j)
 				body := strings.Repeat(fmt.Sprintf("line %d of %s\r\n", j, token), 1+(i*perSession+j)*37)
 				msg := testMessage(token, body)
-				err := deliver(c, "sender@example.com", []string{fmt.Sprintf("rcpt%d@example.com", j)}, msg)
+				err := sendMessage(c, "sender@example.com", []string{fmt.Sprintf("rcpt%d@example.com", j)}, msg)
 				if err != nil {
 					t.Errorf("session %d message %d: %v", i, j, err)
 					return
@@ -430,7 +435,7 @@ func testAccounting(t *testing.T, env *sinkEnv) {
 					// it must be refused and leave nothing
 					token := fmt.Sprintf("%s-s%d-big", base, i)
 					big := testMessage(token, strings.Repeat(strings.Repeat("y", 900)+"\r\n", acctSinkMaxSize/900+10))
-					err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, big)
+					err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, big)
 					if code := replyCode(err); code < 500 || code > 599 {
 						t.Errorf("session %d: a message over max_message_size got %v, want a 5xx refusal", i, err)
 						return
@@ -458,6 +463,10 @@ func testAccounting(t *testing.T, env *sinkEnv) {
 				return
 			}
 			defer c.Close()
+			if err := authenticate(c); err != nil {
+				t.Errorf("abandoned session %d: %v", i, err)
+				return
+			}
 			if err := c.Mail("sender@example.com"); err != nil {
 				t.Errorf("abandoned session %d: MAIL: %v", i, err)
 				return

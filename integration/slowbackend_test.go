@@ -60,6 +60,9 @@ func TestSlowBackendFinalDot(t *testing.T) {
 		return caddySetup{
 			config: caddyConfig{Edges: []edgeConfig{{
 				Addrs: []string{edge.addr}, Hostnames: []string{firstHost}, ImplicitTLS: true, Backend: ln.Addr().String(),
+				// the test's slow backend offers no AUTH: this test is
+				// about the wait for the final dot, not about AUTH
+				Options: []string{"require_auth off"},
 			}}},
 			addrs:     []string{edge.addr},
 			probe:     edge,
@@ -78,7 +81,7 @@ func TestSlowBackendFinalDot(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(uniqueToken(t), "slow")); err != nil {
+	if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(uniqueToken(t), "slow")); err != nil {
 		t.Fatalf("after %s: %v", time.Since(start).Round(time.Second), err)
 	}
 	if err := c.Quit(); err != nil {
