@@ -204,7 +204,7 @@ func TestACMECertificates(t *testing.T) {
 		// a whole session, verified by the client against pebble's root
 		c := smtpClient(t, l, e.proc.tlsConfig(acmeHost))
 		token := uniqueToken(t) + "-" + l.name
-		if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "via "+l.name)); err != nil {
+		if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "via "+l.name)); err != nil {
 			t.Fatalf("%s: delivery: %v", l.name, err)
 		}
 		e.sink.wait(t, token)
@@ -336,7 +336,7 @@ func TestACMERenewal(t *testing.T) {
 	}
 	c := smtpClient(t, e.starttls, e.proc.tlsConfig(acmeHost))
 	token := uniqueToken(t)
-	if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "after renewal")); err != nil {
+	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "after renewal")); err != nil {
 		t.Fatalf("delivery after renewal: %v", err)
 	}
 	e.sink.wait(t, token)

@@ -306,7 +306,7 @@ func TestAttacks(t *testing.T) {
 	c := smtpClient(t, env.session, env.proc.tlsConfig(firstHost))
 	token := uniqueToken(t)
 	msg := testMessage(token, "after the attacks")
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+	if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 		t.Fatalf("a normal session after the attacks: %v", err)
 	}
 	c.Quit()

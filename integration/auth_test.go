@@ -128,7 +128,7 @@ func testAuthAfterTLS(t *testing.T, env *authEnv, l listener) {
 		t.Fatalf("AUTH PLAIN %s/%s: %v", backendUser, backendPassword, err)
 	}
 	msg := testMessage(token, "authenticated submission through "+l.name)
-	if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 		t.Fatalf("sending after AUTH: %v", err)
 	}
 	if err := c.Quit(); err != nil {

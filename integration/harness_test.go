@@ -924,19 +924,20 @@ func authenticate(c *smtp.Client) error {
 	return nil
 }
 
-// deliver authenticates (AUTH PLAIN as sinkUser) and sends one message in a
-// session that has not authenticated yet; see sendMessage.
-func deliver(c *smtp.Client, from string, to []string, msg []byte) error {
+// submit authenticates (AUTH PLAIN as sinkUser) and sends one message with
+// deliver, in a session that has not authenticated yet.
+func submit(c *smtp.Client, from string, to []string, msg []byte) error {
 	if err := authenticate(c); err != nil {
 		return err
 	}
-	return sendMessage(c, from, to, msg)
+	return deliver(c, from, to, msg)
 }
 
-// sendMessage sends one message in a session that has authenticated, and
-// returns the error of the first step that failed (a *textproto.Error for an
-// SMTP reply). A message that got 250 after its final dot returns nil.
-func sendMessage(c *smtp.Client, from string, to []string, msg []byte) error {
+// deliver sends one message in a session that may send mail (it has
+// authenticated, or its edge does not require it) and returns the error of
+// the first step that failed (a *textproto.Error for an SMTP reply). A
+// message that got 250 after its final dot returns nil.
+func deliver(c *smtp.Client, from string, to []string, msg []byte) error {
 	if err := c.Mail(from); err != nil {
 		return err
 	}

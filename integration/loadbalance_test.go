@@ -141,7 +141,7 @@ func lbDeliver(t *testing.T, env *lbEnv, l listener, what string) lbSession {
 		return lbSession{token, err}
 	}
 	defer c.Close()
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, what)); err != nil {
+	if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, what)); err != nil {
 		return lbSession{token, err}
 	}
 	_ = c.Quit()

@@ -77,7 +77,7 @@ func TestObservability(t *testing.T) {
 		if err := c.Auth(smtp.PlainAuth("", backendUser, backendPassword, firstHost)); err != nil {
 			t.Fatalf("AUTH from %s: %v", ip, err)
 		}
-		if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(uniqueToken(t), "observed")); err != nil {
+		if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(uniqueToken(t), "observed")); err != nil {
 			t.Fatalf("delivery from %s: %v", ip, err)
 		}
 		if err := c.Quit(); err != nil {

@@ -62,7 +62,7 @@ func TestQuickstart(t *testing.T) {
 			c := smtpClient(t, l, proc.tlsConfig("mail.localhost"))
 			token := uniqueToken(t)
 			msg := testMessage(token, "through the quickstart's "+l.name+" listener")
-			if err := deliver(c, "me@example.com", []string{"you@example.com"}, msg); err != nil {
+			if err := submit(c, "me@example.com", []string{"you@example.com"}, msg); err != nil {
 				t.Fatalf("sending: %v", err)
 			}
 			if err := c.Quit(); err != nil {

@@ -166,7 +166,7 @@ func testDelivery(t *testing.T, env *sinkEnv, l listener) {
 	}
 	token := uniqueToken(t)
 	msg := testMessage(token, "delivered through "+l.name+" ("+l.mode.String()+")")
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+	if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 		t.Fatalf("sending: %v", err)
 	}
 	if err := c.Quit(); err != nil {
@@ -302,7 +302,7 @@ func testLargeMessage(t *testing.T, env *sinkEnv, l listener) {
 	}
 	token := uniqueToken(t)
 	msg := eightBitMessage(token, 10<<20)
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+	if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 		t.Fatalf("sending %d bytes: %v", len(msg), err)
 	}
 	if err := c.Quit(); err != nil {
@@ -421,7 +421,7 @@ func testAccounting(t *testing.T, env *sinkEnv) {
 				token := fmt.Sprintf("%s-s%d-m%d", base, i, j)
 				body := strings.Repeat(fmt.Sprintf("line %d of %s\r\n", j, token), 1+(i*perSession+j)*37)
 				msg := testMessage(token, body)
-				err := sendMessage(c, "sender@example.com", []string{fmt.Sprintf("rcpt%d@example.com", j)}, msg)
+				err := deliver(c, "sender@example.com", []string{fmt.Sprintf("rcpt%d@example.com", j)}, msg)
 				if err != nil {
 					t.Errorf("session %d message %d: %v", i, j, err)
 					return
@@ -435,7 +435,7 @@ func testAccounting(t *testing.T, env *sinkEnv) {
 					// it must be refused and leave nothing
 					token := fmt.Sprintf("%s-s%d-big", base, i)
 					big := testMessage(token, strings.Repeat(strings.Repeat("y", 900)+"\r\n", acctSinkMaxSize/900+10))
-					err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, big)
+					err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, big)
 					if code := replyCode(err); code < 500 || code > 599 {
 						t.Errorf("session %d: a message over max_message_size got %v, want a 5xx refusal", i, err)
 						return

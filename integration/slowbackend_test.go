@@ -81,7 +81,7 @@ func TestSlowBackendFinalDot(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(uniqueToken(t), "slow")); err != nil {
+	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(uniqueToken(t), "slow")); err != nil {
 		t.Fatalf("after %s: %v", time.Since(start).Round(time.Second), err)
 	}
 	if err := c.Quit(); err != nil {

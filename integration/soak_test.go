@@ -222,7 +222,7 @@ func TestSoak(t *testing.T) {
 				}
 				for range 3 {
 					token := fmt.Sprintf("soak-%d", seq.Add(1))
-					err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "soak"))
+					err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "soak"))
 					if err != nil {
 						mu.Lock()
 						failed[token] = true

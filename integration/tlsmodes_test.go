@@ -49,7 +49,7 @@ func TestWrongTLSMode(t *testing.T) {
 			c := smtpClient(t, l, proc.tlsConfig(firstHost))
 			token := uniqueToken(t)
 			msg := testMessage(token, "through "+l.name)
-			if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+			if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 				t.Fatalf("delivery: %v", err)
 			}
 			assertSameBytes(t, "the stored message", sinkMessage(t, sinkDir, token), msg)

@@ -497,7 +497,7 @@ func TestTLSPolicyTLS13Only(t *testing.T) {
 				t.Errorf("negotiated %s, want TLS 1.3", tls.VersionName(state.Version))
 			}
 			token := uniqueToken(t)
-			if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "TLS 1.3 only")); err != nil {
+			if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "TLS 1.3 only")); err != nil {
 				t.Fatalf("delivery: %v", err)
 			}
 			sinkMessage(t, sinkDir, token)
@@ -708,7 +708,7 @@ func TestTLSPolicyClientAuth(t *testing.T) {
 			token := uniqueToken(t)
 			// no AUTH: a certificate verified under client_auth counts
 			// as authenticated for require_auth
-			if err := sendMessage(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "with a client certificate")); err != nil {
+			if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "with a client certificate")); err != nil {
 				t.Fatalf("delivery: %v", err)
 			}
 			sinkMessage(t, sinkDir, token)
