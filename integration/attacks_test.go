@@ -17,13 +17,17 @@ import (
 //     (nothing sent before TLS, or by a client that never gets TLS, may
 //     reach a backend);
 //   - implicit: implicit TLS, into the same untouched backend;
-//   - session: STARTTLS, into an smtp_sink that has no TLS of its own.
+//   - session: STARTTLS, into an smtp_sink that has no TLS of its own;
+//   - inside: STARTTLS, into a backend that records what it gets, for the
+//     commands after TLS that the edge answers itself.
 type attackEnv struct {
 	proc      *caddyProc
 	untouched *authBackend
+	recorder  *authBackend
 	guarded   listener
 	implicit  listener
 	session   listener
+	inside    listener
 	sinkDir   string
 }
 
@@ -32,7 +36,7 @@ type attackEnv struct {
 const attackTimeout = "2s"
 
 func startAttackEnv(t *testing.T) *attackEnv {
-	env := &attackEnv{untouched: startAuthBackend(t), sinkDir: filepath.Join(t.TempDir(), "mail")}
+	env := &attackEnv{untouched: startAuthBackend(t), recorder: startAuthBackend(t), sinkDir: filepath.Join(t.TempDir(), "mail")}
 	if err := os.MkdirAll(env.sinkDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -41,6 +45,7 @@ func startAttackEnv(t *testing.T) *attackEnv {
 		env.guarded = listener{name: "guarded", mode: startTLS, addr: freeAddr(t)}
 		env.implicit = listener{name: "implicit", mode: implicitTLS, addr: freeAddr(t)}
 		env.session = listener{name: "session", mode: startTLS, addr: freeAddr(t)}
+		env.inside = listener{name: "inside", mode: startTLS, addr: freeAddr(t)}
 		sinkAddr := freeAddr(t)
 		hosts := []string{firstHost}
 		return caddySetup{
@@ -49,10 +54,11 @@ func startAttackEnv(t *testing.T) *attackEnv {
 					{Addrs: []string{env.guarded.addr}, Hostnames: hosts, Options: timeouts, Backend: env.untouched.addr},
 					{Addrs: []string{env.implicit.addr}, Hostnames: hosts, ImplicitTLS: true, Options: timeouts, Backend: env.untouched.addr},
 					{Addrs: []string{env.session.addr}, Hostnames: hosts, Options: timeouts, Backend: sinkAddr},
+					{Addrs: []string{env.inside.addr}, Hostnames: hosts, Options: timeouts, Backend: env.recorder.addr},
 				},
 				Sinks: []sinkConfig{{Addr: sinkAddr, Dir: env.sinkDir, MaxMessageSize: 1 << 20}},
 			},
-			addrs:     []string{env.guarded.addr, env.implicit.addr, env.session.addr, sinkAddr},
+			addrs:     []string{env.guarded.addr, env.implicit.addr, env.session.addr, env.inside.addr, sinkAddr},
 			probe:     env.session, // the probe must not touch env.untouched
 			hostnames: hosts,
 		}
@@ -107,26 +113,78 @@ func TestAttacks(t *testing.T) {
 		}
 	})
 
-	t.Run("NoSecondSTARTTLS", func(t *testing.T) {
-		t.Parallel()
-		s := rawTLSSession(t, env.session, env.proc.tlsConfig(firstHost))
-		lines := s.ehlo(t)
-		if hasExtension(lines, "STARTTLS") {
-			t.Fatalf("EHLO inside TLS offers STARTTLS: %q", lines)
+	// After TLS the edge itself answers what no backend should get: a
+	// second STARTTLS (the recorder offers STARTTLS of its own), a
+	// client's XCLIENT or XFORWARD (a forged identity), and mail commands
+	// before AUTH (require_auth). The commands are sent in lower case, so
+	// that the recorder's transcript (which has its own replies, in upper
+	// case) shows whether it got them; each session goes on afterwards.
+	t.Run("AfterTLS", func(t *testing.T) {
+		session := func(t *testing.T) *rawSession {
+			s := rawTLSSession(t, env.inside, env.proc.tlsConfig(firstHost))
+			if lines := s.ehlo(t); hasExtension(lines, "STARTTLS") || hasExtension(lines, "XCLIENT") {
+				t.Fatalf("EHLO inside TLS offers STARTTLS or XCLIENT: %q", lines)
+			}
+			return s
 		}
-		if err := s.tp.PrintfLine("STARTTLS"); err != nil {
-			t.Fatal(err)
+		// goesOn checks that the session still works and that the
+		// recorder has read every line sent before (it answers in order)
+		goesOn := func(t *testing.T, s *rawSession) {
+			t.Helper()
+			if err := s.tp.PrintfLine("NOOP"); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := s.tp.ReadResponse(250); err != nil {
+				t.Fatalf("the session broke after the refusal: %v", err)
+			}
 		}
-		code, msg, err := s.tp.ReadResponse(0)
-		if code < 500 || code > 599 {
-			t.Fatalf("STARTTLS inside TLS: %d %s (%v), want a 5xx", code, msg, err)
+		notAtBackend := func(t *testing.T, what string) {
+			t.Helper()
+			if env.recorder.transcriptContains(what) {
+				t.Errorf("the backend got %q", what)
+			}
 		}
-		if err := s.tp.PrintfLine("NOOP"); err != nil {
-			t.Fatal(err)
-		}
-		if _, _, err := s.tp.ReadResponse(250); err != nil {
-			t.Fatalf("the session broke after the refused STARTTLS: %v", err)
-		}
+
+		t.Run("second STARTTLS", func(t *testing.T) {
+			t.Parallel()
+			s := session(t)
+			s.send(t, "starttls")
+			s.expectReply(t, "STARTTLS inside TLS", 503, "5.5.1")
+			goesOn(t, s)
+			notAtBackend(t, "starttls")
+		})
+		t.Run("XCLIENT and XFORWARD", func(t *testing.T) {
+			t.Parallel()
+			token := uniqueToken(t)
+			s := session(t)
+			s.send(t, "xclient ADDR=192.0.2.1 NAME="+token+"-xclient")
+			s.expectReply(t, "XCLIENT", 502, "5.5.1")
+			s.send(t, "xforward ADDR=192.0.2.1 NAME="+token+"-xforward")
+			s.expectReply(t, "XFORWARD", 502, "5.5.1")
+			goesOn(t, s)
+			notAtBackend(t, token)
+		})
+		t.Run("pipelined mail before AUTH", func(t *testing.T) {
+			t.Parallel()
+			token := uniqueToken(t)
+			s := session(t)
+			// one write, as an RFC 2920 client sends it; the BDAT's
+			// chunk is a QUIT that must stay a chunk (dropped), never
+			// a command
+			if _, err := io.WriteString(s.conn, "mail FROM:<"+token+"@example.com>\r\n"+
+				"rcpt TO:<"+token+"-rcpt@example.com>\r\n"+
+				"data\r\n"); err != nil {
+				t.Fatal(err)
+			}
+			for _, what := range []string{"MAIL", "RCPT", "DATA"} {
+				s.expectReply(t, what+" before AUTH", 530, "5.7.0")
+			}
+			s.send(t, "bdat 6 LAST\r\nQUIT")
+			s.expectReply(t, "BDAT before AUTH", 530, "5.7.0")
+			goesOn(t, s)
+			notAtBackend(t, token)
+			notAtBackend(t, "bdat")
+		})
 	})
 
 	t.Run("Malformed", func(t *testing.T) {
@@ -248,13 +306,31 @@ func TestAttacks(t *testing.T) {
 	c := smtpClient(t, env.session, env.proc.tlsConfig(firstHost))
 	token := uniqueToken(t)
 	msg := testMessage(token, "after the attacks")
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+	if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 		t.Fatalf("a normal session after the attacks: %v", err)
 	}
 	c.Quit()
 	assertSameBytes(t, "the stored message", sinkMessage(t, env.sinkDir, token), msg)
 	if env.untouched.conns.Load() != 0 {
 		t.Errorf("the guarded backend was contacted %d times", env.untouched.conns.Load())
+	}
+}
+
+// send writes line and CRLF.
+func (s *rawSession) send(t *testing.T, line string) {
+	t.Helper()
+	if err := s.tp.PrintfLine("%s", line); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// expectReply reads a reply and fails unless it has code and starts with
+// the enhanced status code enhanced.
+func (s *rawSession) expectReply(t *testing.T, what string, code int, enhanced string) {
+	t.Helper()
+	got, msg, err := s.tp.ReadResponse(code)
+	if err != nil || !strings.HasPrefix(msg, enhanced+" ") {
+		t.Fatalf("%s: %d %q (%v), want %d %s", what, got, msg, err, code, enhanced)
 	}
 }
 

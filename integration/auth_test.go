@@ -41,10 +41,13 @@ func startAuthEnv(t *testing.T) *authEnv {
 		dead := freeAddr(t) // nothing listens here
 
 		hosts := []string{firstHost}
+		// the wrong passwords test the backend's 535 passing through, not
+		// the password guard: no delay before it
+		noDelay := []string{"auth_guard {", "delay off", "}"}
 		return caddySetup{
 			config: caddyConfig{Edges: []edgeConfig{
-				{Addrs: []string{env.listeners[0].addr}, Hostnames: hosts, ImplicitTLS: true, Backend: env.backend.addr},
-				{Addrs: []string{env.listeners[1].addr}, Hostnames: hosts, Backend: env.backend.addr},
+				{Addrs: []string{env.listeners[0].addr}, Hostnames: hosts, ImplicitTLS: true, Options: noDelay, Backend: env.backend.addr},
+				{Addrs: []string{env.listeners[1].addr}, Hostnames: hosts, Options: noDelay, Backend: env.backend.addr},
 				{Addrs: []string{env.injection.addr}, Hostnames: hosts, Backend: env.untouched.addr},
 				{Addrs: []string{env.downImplicit.addr}, Hostnames: hosts, ImplicitTLS: true, Backend: dead},
 				{Addrs: []string{env.downSTARTTLS.addr}, Hostnames: hosts, Backend: dead},
@@ -91,9 +94,10 @@ func TestEdgeToAuthBackend(t *testing.T) {
 	}
 }
 
-// testAuthAfterTLS: after TLS the backend's AUTH is offered and works; the
-// backend's own refusals (MAIL before AUTH, a wrong password) reach the
-// client unchanged.
+// testAuthAfterTLS: after TLS the backend's AUTH is offered and works; MAIL
+// before AUTH gets the edge's 530 (require_auth) and never reaches the
+// backend; the backend's own refusal of a wrong password reaches the client
+// unchanged.
 func testAuthAfterTLS(t *testing.T, env *authEnv, l listener) {
 	token := uniqueToken(t)
 	cfg := env.proc.tlsConfig(firstHost)
@@ -102,9 +106,13 @@ func testAuthAfterTLS(t *testing.T, env *authEnv, l listener) {
 	if ok, mechs := c.Extension("AUTH"); !ok || !slices.Contains(strings.Fields(mechs), "PLAIN") {
 		t.Fatalf("EHLO after TLS: AUTH = %q, %v; want it to offer PLAIN", mechs, ok)
 	}
-	err := c.Mail("sender@example.com")
-	if replyCode(err) != 530 {
-		t.Errorf("MAIL before AUTH: got %v, want the backend's 530", err)
+	early := "early-" + token + "@example.com"
+	err := c.Mail(early)
+	if !isReply(err, 530, "5.7.0") {
+		t.Errorf("MAIL before AUTH: got %v, want the edge's 530 5.7.0", err)
+	}
+	if env.backend.transcriptContains(early) {
+		t.Errorf("the backend got the MAIL sent before AUTH")
 	}
 	wrong := "wrong-" + token
 	err = c.Auth(smtp.PlainAuth("", backendUser, wrong, firstHost))

@@ -236,8 +236,9 @@ func startEximEnv(t *testing.T) *eximEnv {
 // proxy, on implicit TLS and STARTTLS, the
 // client's own address in Exim's log and in the Received: header of the
 // message it relays to a go-smtp sink, AUTH PLAIN and LOGIN after TLS, a
-// wrong password, no relaying without AUTH, and hosts_proxy confined to the
-// edge's listener.
+// wrong password, no relaying without AUTH (refused by the edge, and by the
+// example's ACL should it get there), and hosts_proxy confined to the edge's
+// listener.
 func TestEximBehindEdge(t *testing.T) {
 	env := startEximEnv(t)
 
@@ -269,6 +270,9 @@ func TestEximBehindEdge(t *testing.T) {
 		})
 	}
 	// Exim alone, without the edge
+	t.Run("no relay without AUTH by the example's ACL", func(t *testing.T) {
+		testEximACLWithoutAuth(t, env)
+	})
 	t.Run("edge listener requires PROXY", func(t *testing.T) {
 		testEximProxyRequired(t, env)
 	})
@@ -371,21 +375,67 @@ func testEximWrongPassword(t *testing.T, env *eximEnv, l postfixListener, ip, me
 }
 
 // testEximNoRelayWithoutAuth: a client without AUTH that connects from the
-// edge's own address 127.0.0.1 cannot relay: the example's ACL admits
-// sessions through the edge on AUTH only, never by address. The sender
-// address finds the session's line in Exim's log.
+// edge's own address 127.0.0.1 cannot relay: the edge answers its MAIL and
+// RCPT with 530 5.7.0 itself (require_auth), and Exim never sees them. Exim
+// logs a refused RCPT with its sender (testEximACLWithoutAuth), so after
+// Exim's reply to QUIT its log has no line with this session's sender.
 func testEximNoRelayWithoutAuth(t *testing.T, env *eximEnv, l postfixListener, sender string) {
 	c := dialFrom(t, l.listener, env.proc.tlsConfig(firstHost), "127.0.0.1")
-	if err := c.Mail(sender); err != nil {
-		t.Fatalf("MAIL: %v", err)
+	if err := c.Mail(sender); !isReply(err, 530, "5.7.0") {
+		t.Fatalf("MAIL without AUTH: %v, want the edge's 530 5.7.0", err)
 	}
-	err := c.Rcpt("rcpt@example.net")
+	if err := c.Rcpt("rcpt@example.net"); !isReply(err, 530, "5.7.0") {
+		t.Fatalf("RCPT without AUTH: %v, want the edge's 530 5.7.0", err)
+	}
+	if err := c.Quit(); err != nil {
+		t.Errorf("QUIT: %v", err)
+	}
+	for _, line := range env.exim.log.lines() {
+		if strings.Contains(line, sender) {
+			t.Errorf("Exim got the session's transaction: %q", line)
+		}
+	}
+}
+
+// testEximACLWithoutAuth: the example's ACL still refuses to relay for a
+// session through the edge without AUTH, should one reach it (an edge with
+// require_auth off): the test writes the PROXY v1 header an edge would for
+// a client on the edge's own address, 127.0.0.1, and the RCPT gets the
+// example's 550. The sender address finds the session's line in Exim's log.
+func testEximACLWithoutAuth(t *testing.T, env *eximEnv) {
+	conn, err := net.DialTimeout("tcp", env.backend, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(ioTimeout))
+	_, edgePort, _ := net.SplitHostPort(env.backend)
+	if _, err := fmt.Fprintf(conn, "PROXY TCP4 127.0.0.1 127.0.0.1 50000 %s\r\n", edgePort); err != nil {
+		t.Fatal(err)
+	}
+	tp := textproto.NewConn(conn)
+	if code, msg, err := tp.ReadResponse(220); err != nil {
+		t.Fatalf("greeting after the PROXY header: %d %s: %v", code, msg, err)
+	}
+	sender := "noauth-" + uniqueToken(t) + "@example.com"
+	for _, step := range []struct {
+		cmd  string
+		code int
+	}{
+		{"EHLO client.localhost", 250},
+		{"MAIL FROM:<" + sender + ">", 250},
+	} {
+		if code, msg := eximCommand(t, tp, step.cmd); code != step.code {
+			t.Fatalf("%s: %d %s, want %d", step.cmd, code, msg, step.code)
+		}
+	}
 	// "Authentication required" is the message of the example's own ACL
 	// (examples/exim/exim.conf), not Exim's wording
-	if code := replyCode(err); code != 550 || !strings.Contains(err.Error(), "Authentication required") {
-		t.Fatalf("RCPT without AUTH: %v, want the example's 550 Authentication required", err)
+	if code, msg := eximCommand(t, tp, "RCPT TO:<rcpt@example.net>"); code != 550 || !strings.Contains(msg, "Authentication required") {
+		t.Fatalf("RCPT without AUTH: %d %s, want the example's 550 Authentication required", code, msg)
 	}
 	env.exim.log.wait(t, regexp.MustCompile(`H=\(client\.localhost\) \[127\.0\.0\.1\] F=<`+regexp.QuoteMeta(sender)+`> rejected RCPT <rcpt@example\.net>: Authentication required`))
+	_, _ = eximCommand(t, tp, "QUIT")
 }
 
 // testEximProxyRequired: a connection from the edge's address to the edge's

@@ -70,7 +70,7 @@ func TestBackendFailover(t *testing.T) {
 			c := dialFrom(t, l, cfg, ip)
 			token := uniqueToken(t)
 			msg := testMessage(token, "through the second backend address")
-			if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+			if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 				t.Fatalf("sending: %v", err)
 			}
 			if err := c.Quit(); err != nil {

@@ -78,7 +78,7 @@ func TestFallbackCertificate(t *testing.T) {
 					t.Errorf("certificate for %q, want %s's", got, firstHost)
 				}
 				token := uniqueToken(t)
-				if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "to an alias")); err != nil {
+				if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "to an alias")); err != nil {
 					t.Fatalf("delivery: %v", err)
 				}
 				sinkMessage(t, sinkDir, token)

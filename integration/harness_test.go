@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -882,6 +883,18 @@ func (s *rawSession) ehlo(t *testing.T) []string {
 	return strings.Split(msg, "\n")
 }
 
+// authPlain runs AUTH PLAIN as sinkUser (see authenticate) and expects 235.
+func (s *rawSession) authPlain(t *testing.T) {
+	t.Helper()
+	credentials := base64.StdEncoding.EncodeToString([]byte("\x00" + sinkUser + "\x00" + sinkPassword))
+	if err := s.tp.PrintfLine("AUTH PLAIN %s", credentials); err != nil {
+		t.Fatalf("AUTH PLAIN: %v", err)
+	}
+	if _, _, err := s.tp.ReadResponse(235); err != nil {
+		t.Fatalf("AUTH PLAIN: %v", err)
+	}
+}
+
 // expectClosed reads until the connection ends, and fails if it does not
 // end (within ioTimeout) or if anything more arrives.
 func expectClosed(t *testing.T, r io.Reader) {
@@ -900,8 +913,36 @@ func isTimeout(err error) bool {
 	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
-// deliver sends one message in the client's session and returns the error
-// of the first step that failed (a *textproto.Error for an SMTP reply). A
+// The account of AUTH PLAIN in front of the smtp_sink, which accepts any
+// credentials: the edge (require_auth, on by default) answers MAIL, RCPT,
+// DATA and BDAT with 530 until the backend has accepted an AUTH, as a
+// submission server does, so a client that sends mail authenticates first.
+const (
+	sinkUser     = "user@example.com"
+	sinkPassword = "any password"
+)
+
+// authenticate runs AUTH PLAIN as sinkUser in the client's session (after
+// TLS: net/smtp sends PLAIN only over TLS, or to localhost).
+func authenticate(c *smtp.Client) error {
+	if err := c.Auth(smtp.PlainAuth("", sinkUser, sinkPassword, firstHost)); err != nil {
+		return fmt.Errorf("AUTH PLAIN: %w", err)
+	}
+	return nil
+}
+
+// submit authenticates (AUTH PLAIN as sinkUser) and sends one message with
+// deliver, in a session that has not authenticated yet.
+func submit(c *smtp.Client, from string, to []string, msg []byte) error {
+	if err := authenticate(c); err != nil {
+		return err
+	}
+	return deliver(c, from, to, msg)
+}
+
+// deliver sends one message in a session that may send mail (it has
+// authenticated, or its edge does not require it) and returns the error of
+// the first step that failed (a *textproto.Error for an SMTP reply). A
 // message that got 250 after its final dot returns nil.
 func deliver(c *smtp.Client, from string, to []string, msg []byte) error {
 	if err := c.Mail(from); err != nil {
@@ -929,6 +970,13 @@ func replyCode(err error) int {
 		return tpErr.Code
 	}
 	return 0
+}
+
+// isReply reports whether err is the SMTP reply code with the enhanced
+// status code enhanced ("5.7.0") at the start of its text.
+func isReply(err error, code int, enhanced string) bool {
+	var tpErr *textproto.Error
+	return errors.As(err, &tpErr) && tpErr.Code == code && strings.HasPrefix(tpErr.Msg, enhanced+" ")
 }
 
 // testMessage is a small RFC 5322 message with token in its subject and

@@ -141,7 +141,7 @@ func lbDeliver(t *testing.T, env *lbEnv, l listener, what string) lbSession {
 		return lbSession{token, err}
 	}
 	defer c.Close()
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, what)); err != nil {
+	if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, what)); err != nil {
 		return lbSession{token, err}
 	}
 	_ = c.Quit()
@@ -205,6 +205,9 @@ func TestLoadBalancingFailover(t *testing.T) {
 		l := env.listeners[i%2]
 		token := fmt.Sprintf("%s-inflight-%d-%d", uniqueToken(t), i, time.Now().UnixNano())
 		c := smtpClient(t, l, env.edge.tlsConfig(firstHost))
+		if err := authenticate(c); err != nil {
+			t.Fatalf("in-flight session %d: %v", i, err)
+		}
 		if err := c.Mail("sender@example.com"); err != nil {
 			t.Fatalf("in-flight session %d: MAIL: %v", i, err)
 		}

@@ -69,7 +69,7 @@ func TestTLSPlaceholdersRouting(t *testing.T) {
 				t.Parallel()
 				c := smtpClient(t, l, proc.tlsConfig(name))
 				token := uniqueToken(t)
-				if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "to "+name)); err != nil {
+				if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "to "+name)); err != nil {
 					t.Fatalf("delivery: %v", err)
 				}
 				sinkMessage(t, dir, token)

@@ -15,7 +15,8 @@ import (
 
 // TestQuickstart runs examples/quickstart/Caddyfile itself, the config of the
 // README's first command, and sends a message through each of its listeners
-// into the sink's ./mail directory. It uses the file's fixed ports, so it
+// into the sink's ./mail directory, after AUTH PLAIN (the sink accepts any),
+// which the quickstart requires. It uses the file's fixed ports, so it
 // runs alone (it is not parallel) and skips when one of them is taken, except
 // in CI.
 func TestQuickstart(t *testing.T) {
@@ -48,12 +49,20 @@ func TestQuickstart(t *testing.T) {
 	proc := startCaddy(t, func() caddySetup {
 		return caddySetup{caddyfile: string(config), addrs: addrs, probe: listeners[0], hostnames: []string{"mail.localhost"}}
 	})
+	// the quickstart requires AUTH before mail (require_auth's default);
+	// its sink accepts any AUTH PLAIN, as the README's swaks lines send
+	t.Run("MAIL before AUTH", func(t *testing.T) {
+		c := smtpClient(t, listeners[1], proc.tlsConfig("mail.localhost"))
+		if err := c.Mail("me@example.com"); !isReply(err, 530, "5.7.0") {
+			t.Errorf("MAIL before AUTH: %v, want 530 5.7.0", err)
+		}
+	})
 	for _, l := range listeners {
 		t.Run(l.name, func(t *testing.T) {
 			c := smtpClient(t, l, proc.tlsConfig("mail.localhost"))
 			token := uniqueToken(t)
 			msg := testMessage(token, "through the quickstart's "+l.name+" listener")
-			if err := deliver(c, "me@example.com", []string{"you@example.com"}, msg); err != nil {
+			if err := submit(c, "me@example.com", []string{"you@example.com"}, msg); err != nil {
 				t.Fatalf("sending: %v", err)
 			}
 			if err := c.Quit(); err != nil {
@@ -75,7 +84,7 @@ func TestQuickstart(t *testing.T) {
 	for _, l := range listeners {
 		e := proc.waitLogEntry(t, "the access line of a session through "+l.name, func(e map[string]any) bool {
 			return e["logger"] == "layer4.handlers.smtp.access" && e["listener"] == l.addr && e["outcome"] == "quit" &&
-				e["messages"] == 1.0 && e["mode"] == modeName(l.mode)
+				e["messages"] == 1.0 && e["mode"] == modeName(l.mode) && e["user_id"] == sinkUser
 		})
 		if e["level"] != "info" {
 			t.Errorf("access line at %v, want info", e["level"])

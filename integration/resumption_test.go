@@ -76,7 +76,7 @@ func goSession(t *testing.T, l listener, cfg *tls.Config, sinkDir string) bool {
 	state, _ := c.TLSConnectionState()
 	if sinkDir != "" {
 		token := uniqueToken(t)
-		if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "resumption")); err != nil {
+		if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "resumption")); err != nil {
 			t.Fatalf("delivery: %v", err)
 		}
 		sinkMessage(t, sinkDir, token)

@@ -166,7 +166,7 @@ func testDelivery(t *testing.T, env *sinkEnv, l listener) {
 	}
 	token := uniqueToken(t)
 	msg := testMessage(token, "delivered through "+l.name+" ("+l.mode.String()+")")
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+	if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 		t.Fatalf("sending: %v", err)
 	}
 	if err := c.Quit(); err != nil {
@@ -302,7 +302,7 @@ func testLargeMessage(t *testing.T, env *sinkEnv, l listener) {
 	}
 	token := uniqueToken(t)
 	msg := eightBitMessage(token, 10<<20)
-	if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+	if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 		t.Fatalf("sending %d bytes: %v", len(msg), err)
 	}
 	if err := c.Quit(); err != nil {
@@ -344,8 +344,8 @@ func eightBitMessage(token string, size int) []byte {
 	return b.Bytes()
 }
 
-// testPipelining: MAIL, RCPT, RCPT and DATA in one write after TLS, the
-// replies read afterwards; then the message and QUIT in one write.
+// testPipelining: after AUTH, MAIL, RCPT, RCPT and DATA in one write after
+// TLS, the replies read afterwards; then the message and QUIT in one write.
 func testPipelining(t *testing.T, env *sinkEnv, l listener) {
 	s := rawTLSSession(t, l, env.proc.tlsConfig(firstHost))
 	if l.mode == implicitTLS {
@@ -356,6 +356,7 @@ func testPipelining(t *testing.T, env *sinkEnv, l listener) {
 	if lines := s.ehlo(t); !hasExtension(lines, "PIPELINING") {
 		t.Fatalf("EHLO after TLS does not list PIPELINING: %q", lines)
 	}
+	s.authPlain(t)
 	token := uniqueToken(t)
 	msg := testMessage(token, "pipelined through "+l.name)
 	commands := "MAIL FROM:<sender@example.com>\r\n" +
@@ -412,6 +413,10 @@ func testAccounting(t *testing.T, env *sinkEnv) {
 				return
 			}
 			defer c.Close()
+			if err := authenticate(c); err != nil {
+				t.Errorf("session %d: %v", i, err)
+				return
+			}
 			for j := range perSession {
 				token := fmt.Sprintf("%s-s%d-m%d", base, i, j)
 				body := strings.Repeat(fmt.Sprintf("line %d of %s\r\n", j, token), 1+(i*perSession+j)*37)
@@ -458,6 +463,10 @@ func testAccounting(t *testing.T, env *sinkEnv) {
 				return
 			}
 			defer c.Close()
+			if err := authenticate(c); err != nil {
+				t.Errorf("abandoned session %d: %v", i, err)
+				return
+			}
 			if err := c.Mail("sender@example.com"); err != nil {
 				t.Errorf("abandoned session %d: MAIL: %v", i, err)
 				return

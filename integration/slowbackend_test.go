@@ -60,6 +60,9 @@ func TestSlowBackendFinalDot(t *testing.T) {
 		return caddySetup{
 			config: caddyConfig{Edges: []edgeConfig{{
 				Addrs: []string{edge.addr}, Hostnames: []string{firstHost}, ImplicitTLS: true, Backend: ln.Addr().String(),
+				// the test's slow backend offers no AUTH: this test is
+				// about the wait for the final dot, not about AUTH
+				Options: []string{"require_auth off"},
 			}}},
 			addrs:     []string{edge.addr},
 			probe:     edge,

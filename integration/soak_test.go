@@ -215,6 +215,11 @@ func TestSoak(t *testing.T) {
 					}
 					continue
 				}
+				if err := authenticate(c); err != nil {
+					count(failure("session failed at AUTH: "+classify(err), false, err))
+					c.Close()
+					continue
+				}
 				for range 3 {
 					token := fmt.Sprintf("soak-%d", seq.Add(1))
 					err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "soak"))

@@ -49,7 +49,7 @@ func TestWrongTLSMode(t *testing.T) {
 			c := smtpClient(t, l, proc.tlsConfig(firstHost))
 			token := uniqueToken(t)
 			msg := testMessage(token, "through "+l.name)
-			if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
+			if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, msg); err != nil {
 				t.Fatalf("delivery: %v", err)
 			}
 			assertSameBytes(t, "the stored message", sinkMessage(t, sinkDir, token), msg)
@@ -71,13 +71,13 @@ func TestWrongTLSMode(t *testing.T) {
 
 // testSmtplib sends a message with Python's smtplib through l, in l's mode:
 // SMTP_SSL for implicit TLS, SMTP and starttls() for STARTTLS, verifying the
-// certificate against Caddy's local CA.
+// certificate against Caddy's local CA, after login() as sinkUser.
 func testSmtplib(t *testing.T, env *sinkEnv, l listener) {
 	python := requireTool(t, "python3", "python3")
 	token := uniqueToken(t)
 	script := `
 import smtplib, ssl, sys
-host, port, mode, ca, name, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+host, port, mode, ca, name, token, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7], sys.argv[8]
 
 class NamedContext(ssl.SSLContext):
     """verifies the certificate for name, whatever address the client dials"""
@@ -95,6 +95,7 @@ else:
     client.ehlo("python.localhost")
     client.starttls(context=ctx)
 client.ehlo("python.localhost")
+client.login(user, password)
 client.sendmail("sender@example.com", ["rcpt@example.com"], message)
 client.quit()
 `
@@ -102,7 +103,7 @@ client.quit()
 	if l.mode == implicitTLS {
 		mode = "implicit"
 	}
-	if _, err := runTool(t, nil, python, "-c", script, "127.0.0.1", l.port(), mode, env.proc.rootPath(), firstHost, token); err != nil {
+	if _, err := runTool(t, nil, python, "-c", script, "127.0.0.1", l.port(), mode, env.proc.rootPath(), firstHost, token, sinkUser, sinkPassword); err != nil {
 		t.Fatalf("smtplib: %v", err)
 	}
 	data := sinkMessage(t, env.sinkDir, token)

@@ -497,7 +497,7 @@ func TestTLSPolicyTLS13Only(t *testing.T) {
 				t.Errorf("negotiated %s, want TLS 1.3", tls.VersionName(state.Version))
 			}
 			token := uniqueToken(t)
-			if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "TLS 1.3 only")); err != nil {
+			if err := submit(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "TLS 1.3 only")); err != nil {
 				t.Fatalf("delivery: %v", err)
 			}
 			sinkMessage(t, sinkDir, token)
@@ -603,7 +603,8 @@ func tpWritePEM(t *testing.T, path, blockType string, der []byte) {
 // TestTLSPolicyClientAuth: a connection policy with client_auth { mode
 // require_and_verify; trust_pool file <ca> } refuses clients without a
 // certificate or with one from another CA (openssl and Go), and serves
-// clients with a certificate from the trusted CA, through to the backend.
+// clients with a certificate from the trusted CA, through to the backend,
+// where the certificate stands in for AUTH (require_auth).
 func TestTLSPolicyClientAuth(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
@@ -705,6 +706,8 @@ func TestTLSPolicyClientAuth(t *testing.T) {
 			cfg.Certificates = []tls.Certificate{pki.cert}
 			c := smtpClient(t, l, cfg)
 			token := uniqueToken(t)
+			// no AUTH: a certificate verified under client_auth counts
+			// as authenticated for require_auth
 			if err := deliver(c, "sender@example.com", []string{"rcpt@example.com"}, testMessage(token, "with a client certificate")); err != nil {
 				t.Fatalf("delivery: %v", err)
 			}

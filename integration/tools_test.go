@@ -46,9 +46,10 @@ func exitCode(err error) int {
 // prerequisites (needed module not available)": for TLS, Net::SSLeay.
 const swaksPrerequisiteError = 10
 
-// testSwaks sends a message with swaks, verifying the certificate against
-// Caddy's local CA root (--tls-verify --tls-ca-path): STARTTLS (--tls) on
-// the STARTTLS listeners, implicit TLS (--tlsc) on the other.
+// testSwaks sends a message with swaks after AUTH PLAIN (--auth, as
+// sinkUser), verifying the certificate against Caddy's local CA root
+// (--tls-verify --tls-ca-path): STARTTLS (--tls) on the STARTTLS listeners,
+// implicit TLS (--tlsc) on the other.
 func testSwaks(t *testing.T, env *sinkEnv, l listener) {
 	swaks := requireTool(t, "swaks", "swaks")
 	token := uniqueToken(t)
@@ -65,6 +66,7 @@ func testSwaks(t *testing.T, env *sinkEnv, l listener) {
 		"--tls-ca-path", env.proc.rootPath(),
 		"--tls-sni", firstHost,
 		"--tls-get-peer-cert", peerCert,
+		"--auth", "PLAIN", "--auth-user", sinkUser, "--auth-password", sinkPassword,
 		"--timeout", "30",
 	}
 	if l.mode == implicitTLS {
@@ -75,8 +77,9 @@ func testSwaks(t *testing.T, env *sinkEnv, l listener) {
 	// swaks' exit status is the verdict: --tls requires STARTTLS ("exit if
 	// TLS not available for any reason"), --tlsc is TLS from the first
 	// byte, --tls-verify fails the negotiation on a certificate that does
-	// not verify against the CA (exit 29, "error in TLS transaction"), and 0
-	// means the whole transaction succeeded.
+	// not verify against the CA (exit 29, "error in TLS transaction"),
+	// --auth fails the run unless the AUTH succeeds (exit 28, "error in
+	// AUTH transaction"), and 0 means the whole transaction succeeded.
 	_, err := runTool(t, nil, swaks, args...)
 	switch code := exitCode(err); code {
 	case 0:
@@ -187,9 +190,10 @@ func testOpenSSL11(t *testing.T, env *sinkEnv, l listener) {
 	}
 }
 
-// testCurl sends a message with curl: smtp:// with --ssl-reqd (STARTTLS) on
-// the STARTTLS listeners, smtps:// on the implicit one, verifying against
-// the local CA root (--cacert).
+// testCurl sends a message with curl after AUTH PLAIN (--user as sinkUser,
+// --login-options AUTH=PLAIN): smtp:// with --ssl-reqd (STARTTLS) on the
+// STARTTLS listeners, smtps:// on the implicit one, verifying against the
+// local CA root (--cacert).
 func testCurl(t *testing.T, env *sinkEnv, l listener) {
 	curl := requireTool(t, "curl", "curl")
 	token := uniqueToken(t)
@@ -214,6 +218,8 @@ func testCurl(t *testing.T, env *sinkEnv, l listener) {
 		"--cacert", env.proc.rootPath(),
 		"--resolve", firstHost+":"+l.port()+":127.0.0.1",
 		"--url", scheme+"://"+firstHost+":"+l.port(),
+		"--user", sinkUser+":"+sinkPassword,
+		"--login-options", "AUTH=PLAIN",
 		"--mail-from", "sender@example.com",
 		"--mail-rcpt", "rcpt@example.com",
 		"--upload-file", msgFile,
