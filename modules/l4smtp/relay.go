@@ -166,14 +166,17 @@ func (c *relayConn) Read(p []byte) (int, error) {
 			return 0, c.readErr
 		}
 		c.tmu.Lock()
-		for c.tracker.waiting() && !c.closed.Load() {
+		// bytes held for a reply wait for it; without them, the client
+		// is read meanwhile (what comes is held), so that a client that
+		// waits for the reply, as it should, costs no extra wake-up
+		for c.tracker.waiting() && len(c.held) > 0 && !c.closed.Load() {
 			c.replied.Wait()
 		}
 		if c.closed.Load() {
 			c.tmu.Unlock()
 			return 0, net.ErrClosed
 		}
-		if c.xclient != xclientOff && c.xclient != xclientDone {
+		if c.xclient != xclientOff && c.xclient != xclientDone && !c.tracker.waiting() {
 			out, failure := c.edgeCommand(nil)
 			c.tmu.Unlock()
 			if failure != "" {
@@ -214,7 +217,7 @@ func (c *relayConn) Read(p []byte) (int, error) {
 		if len(c.held) > 0 {
 			c.held = c.held[used:]
 		} else if used < len(in) {
-			c.held = append([]byte(nil), in[used:]...)
+			c.held = append(c.held[:0:0], in[used:]...)
 		}
 		if answers {
 			c.sendAnswers()
