@@ -176,7 +176,8 @@ func (c *relayConn) Read(p []byte) (int, error) {
 			c.tmu.Unlock()
 			return 0, net.ErrClosed
 		}
-		if c.xclient != xclientOff && c.xclient != xclientDone && !c.tracker.waiting() {
+		identityPending := c.xclient != xclientOff && c.xclient != xclientDone
+		if identityPending && !c.tracker.waiting() {
 			out, failure := c.edgeCommand(nil)
 			c.tmu.Unlock()
 			if failure != "" {
@@ -201,6 +202,18 @@ func (c *relayConn) Read(p []byte) (int, error) {
 				c.clientEOF.Store(true)
 			}
 			in = p[:n]
+			if identityPending {
+				// nothing of the client's before the backend has taken
+				// its identity: held, read once XCLIENT is through
+				c.held = append(c.held[:0:0], in...)
+				if err != nil {
+					if len(in) == 0 {
+						return 0, err
+					}
+					c.readErr = err
+				}
+				continue
+			}
 		}
 		scratch := largeBufs.Get().(*[]byte)
 		c.tmu.Lock()
