@@ -68,6 +68,9 @@ func (h *Handler) relay(sess *session, tlsConn *tls.Conn, next layer4.Handler) e
 				pump(c, up)
 			}
 			_ = up.Close()
+			if why, _ := sess.howEnded(); why == outcomeBackendLost {
+				route.pool.cut(up)
+			}
 		}
 	}
 

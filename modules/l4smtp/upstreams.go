@@ -200,6 +200,14 @@ func (p *upstreamPool) failed(u *upstream, err error) {
 	}
 }
 
+// cut marks the upstream of a session down (passive health) when it closed
+// the session in its middle, without 221 or 421.
+func (p *upstreamPool) cut(conn net.Conn) {
+	if uc, ok := conn.(*upstreamConn); ok {
+		p.failed(uc.upstream, errors.New("closed a session in its middle"))
+	}
+}
+
 // greetingRefused is an upstream's greeting other than 2xx.
 type greetingRefused struct{ code string }
 
@@ -217,7 +225,7 @@ func (p *upstreamPool) dialOne(dialer *net.Dialer, sess *session, u *upstream, d
 	if err != nil {
 		return nil, err
 	}
-	up := newUpstreamConn(raw, u.state)
+	up := newUpstreamConn(raw, u)
 	if p.proxyProtocol != 0 {
 		if err := writeProxyHeader(p.proxyProtocol, sess, raw, deadline); err != nil {
 			_ = up.Close()
@@ -303,14 +311,15 @@ func isDigits(s string) bool {
 // the session ends.
 type upstreamConn struct {
 	net.Conn
-	replay  []byte
-	state   *upstreamState
-	release sync.Once
+	replay   []byte
+	upstream *upstream
+	state    *upstreamState
+	release  sync.Once
 }
 
-func newUpstreamConn(conn net.Conn, state *upstreamState) *upstreamConn {
-	state.active.Add(1)
-	return &upstreamConn{Conn: conn, state: state}
+func newUpstreamConn(conn net.Conn, u *upstream) *upstreamConn {
+	u.state.active.Add(1)
+	return &upstreamConn{Conn: conn, upstream: u, state: u.state}
 }
 
 func (c *upstreamConn) Read(p []byte) (int, error) {

@@ -443,6 +443,49 @@ func TestPassiveHealthRetriesNextUpstream(t *testing.T) {
 	}
 }
 
+// A backend that closes a session in its middle (no 221, no 421) is marked
+// down with passive health checks; one that ends it with 221 is not.
+func TestPassiveHealthSessionCut(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		end  func(b *backend)
+		down bool
+	}{
+		{"cut", func(b *backend) { b.finish() }, true},
+		{"221", func(b *backend) { b.expect("QUIT"); b.send("221 2.0.0 Bye\r\n"); b.finish() }, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			via := viaBackend(t)
+			other := refusedAddr(t)
+			h, logs := newTestHandler(t, func(h *Handler) {
+				h.Upstreams = []*Upstream{{Dial: []string{via.ln.Addr().String()}}, {Dial: []string{other}}}
+				h.HealthChecks = &HealthChecks{Passive: &PassiveHealthChecks{}}
+			})
+			t.Cleanup(h.route.pool.close)
+			h.route.pool.logger = h.logger
+			conn, r, done := serveRelay(t, h, via, false, func(b *backend) error {
+				b.send("220 backend ESMTP\r\n")
+				b.expect("NOOP")
+				b.send("250 2.0.0 Ok\r\n")
+				tt.end(b)
+				return nil
+			})
+			readReplies(t, r, 1)
+			io.WriteString(conn, "NOOP\r\n")
+			readReplies(t, r, 1)
+			if !tt.down {
+				io.WriteString(conn, "QUIT\r\n")
+			}
+			readReplies(t, r, 1) // 421 4.4.2, or 221
+			<-done
+			down := names2(h.route.pool.order(netip.Addr{})) == other
+			if down != tt.down || (logs.FilterMessage("mail server down").Len() == 1) != tt.down {
+				t.Errorf("upstream down %v, want %v; log %v", down, tt.down, logs.All())
+			}
+		})
+	}
+}
+
 func names2(order []*upstream) string {
 	var s []string
 	for _, u := range order {
