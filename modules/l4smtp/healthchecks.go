@@ -113,6 +113,9 @@ func (p *upstreamPool) checkLoop(ctx context.Context) {
 		}
 		var wg sync.WaitGroup
 		for _, u := range p.upstreams {
+			if !u.state.claimChecks(p) {
+				continue // another pool of the process checks this address
+			}
 			wg.Go(func() { p.recordCheck(u, p.check(ctx, u)) })
 		}
 		wg.Wait()
@@ -212,12 +215,36 @@ type upstreamState struct {
 	active atomic.Int64 // sessions open through this process
 
 	mu          sync.Mutex
-	refs        int // pools that name the address
+	refs        int           // pools that name the address
+	checker     *upstreamPool // the one pool whose active checks count for the address
 	checkDown   bool
 	okRun       int // active checks passed in a row
 	failRun     int // active checks failed in a row
 	passiveDown bool
 	failedUntil time.Time
+}
+
+// claimChecks says whether p is the pool that checks the address: the
+// first pool to check it, until that pool closes. Pools that share the
+// address (several smtp blocks naming one server) would otherwise each
+// count towards rise and fall, and take it out sooner than any one of them
+// says.
+func (s *upstreamState) claimChecks(p *upstreamPool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.checker == nil {
+		s.checker = p
+	}
+	return s.checker == p
+}
+
+// releaseChecks lets another pool check the address once p closes.
+func (s *upstreamState) releaseChecks(p *upstreamPool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.checker == p {
+		s.checker = nil
+	}
 }
 
 // healthy says whether the upstream takes sessions at now, and whether it

@@ -121,6 +121,7 @@ func (p *upstreamPool) close() {
 			<-p.done
 		}
 		for _, u := range p.upstreams {
+			u.state.releaseChecks(p)
 			upstreamStates.release(u.state)
 		}
 	})

@@ -605,3 +605,23 @@ func TestUpstreamMetrics(t *testing.T) {
 		}
 	}
 }
+
+// An address that several pools name (several smtp blocks, one server) is
+// checked by one of them at a time, so that rise and fall count its checks
+// only; when that pool closes (a reload), another takes over.
+func TestActiveChecksOnePoolPerAddress(t *testing.T) {
+	mta := newTestMTA(t, false)
+	p1, _ := activePool(t, 2, 2, 0, mta.ln.Addr().String())
+	p2, _ := activePool(t, 2, 2, 0, mta.ln.Addr().String())
+	s := p1.upstreams[0].state
+	if p2.upstreams[0].state != s {
+		t.Fatal("the two pools do not share the address's state")
+	}
+	if !s.claimChecks(p1) || s.claimChecks(p2) || !s.claimChecks(p1) {
+		t.Fatal("both pools check the address, or the first lost it")
+	}
+	p1.close()
+	if !s.claimChecks(p2) {
+		t.Fatal("the second pool does not take over the checks when the first closes")
+	}
+}
