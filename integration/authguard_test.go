@@ -63,24 +63,7 @@ func TestAuthGuardDovecot(t *testing.T) {
 	requireRootMTA(t, map[string]string{"dovecot": "dovecot-core", "/usr/lib/dovecot/submission": "dovecot-submissiond"})
 	dir := mtaTempDir(t)
 	sink := startMTASink(t)
-	_, sinkPort, _ := net.SplitHostPort(sink.addr)
-	submissionAddr := freeAddr(t)
-	_, submissionPort, _ := net.SplitHostPort(submissionAddr)
-
-	// Dovecot as TestDovecotSubmissionBehindEdge starts it
-	dovecot := startDovecotAuth(t, filepath.Join(dir, "dovecot"),
-		map[string]string{postfixUser: postfixPassword},
-		dovecotRequireTLS(t, filepath.Join(dir, "tls"))+
-			readExample(t, "dovecot-submission/dovecot.conf", map[string]string{
-				"port = 10587":                  "port = " + submissionPort,
-				"submission_relay_port = 10025": "submission_relay_port = " + sinkPort,
-				"hostname = mail.example.com":   "hostname = dovecot.localhost",
-			})+
-			"\nmail_location = maildir:"+filepath.Join(dir, "maildir", "%u")+"\n",
-		filepath.Join(dir, "dovecot", "run", "anvil"))
-	if err := waitListening(submissionAddr, mtaStartTimeout, dovecot.exited); err != nil {
-		t.Fatalf("Dovecot's submission listener: %v\n%s", err, dovecot.log.tail())
-	}
+	dovecot, submissionAddr := startExampleDovecot(t, dir, sink)
 
 	accessLog := filepath.Join(dir, "smtp-access.log")
 	var implicit, starttls listener

@@ -635,18 +635,7 @@ func edgeTLS(l listener, cfg *tls.Config, clientIP string) (*tls.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if l.mode == startTLS {
-		if err := plaintextSTARTTLS(conn); err != nil {
-			conn.Close()
-			return nil, err
-		}
-	}
-	tlsConn := tls.Client(conn, cfg)
-	if err := tlsConn.Handshake(); err != nil {
-		conn.Close()
-		return nil, err
-	}
-	return tlsConn, nil
+	return tlsOn(conn, l.mode, cfg)
 }
 
 // edgeLeaf is the chain an edge's listener serves (verified by the caller).

@@ -34,27 +34,7 @@ func TestDovecotSubmissionBehindEdge(t *testing.T) {
 	requireRootMTA(t, map[string]string{"dovecot": "dovecot-core", "/usr/lib/dovecot/submission": "dovecot-submissiond"})
 	dir := mtaTempDir(t)
 	sink := startMTASink(t)
-	_, sinkPort, _ := net.SplitHostPort(sink.addr)
-	submissionAddr := freeAddr(t)
-	_, submissionPort, _ := net.SplitHostPort(submissionAddr)
-
-	dovecot := startDovecotAuth(t, filepath.Join(dir, "dovecot"),
-		map[string]string{postfixUser: postfixPassword},
-		// this Dovecot requires TLS, as a production one would: the
-		// example's listener too, with no override
-		dovecotRequireTLS(t, filepath.Join(dir, "tls"))+
-			readExample(t, "dovecot-submission/dovecot.conf", map[string]string{
-				"port = 10587":                  "port = " + submissionPort,
-				"submission_relay_port = 10025": "submission_relay_port = " + sinkPort,
-				"hostname = mail.example.com":   "hostname = dovecot.localhost",
-			})+
-			// a user's session needs a mail location even in submission;
-			// a real Dovecot has one already
-			"\nmail_location = maildir:"+filepath.Join(dir, "maildir", "%u")+"\n",
-		filepath.Join(dir, "dovecot", "run", "anvil"))
-	if err := waitListening(submissionAddr, mtaStartTimeout, dovecot.exited); err != nil {
-		t.Fatalf("Dovecot's submission listener: %v\n%s", err, dovecot.log.tail())
-	}
+	dovecot, submissionAddr := startExampleDovecot(t, dir, sink)
 
 	proc, edges := startProxyEdges(t, submissionAddr)
 	cfg := proc.tlsConfig(firstHost)
@@ -240,4 +220,32 @@ func dovecotRequireTLS(t *testing.T, dir string) string {
 		t.Fatal(err)
 	}
 	return "ssl = required\nssl_cert = <" + certPath + "\nssl_key = <" + keyPath + "\n\n"
+}
+
+// startExampleDovecot starts a Dovecot with examples/dovecot-submission/'s
+// dovecot.conf, its submission listener on a free loopback port relaying
+// into sink, and returns it with that listener's address.
+func startExampleDovecot(t *testing.T, dir string, sink *mtaSink) (*dovecotAuth, string) {
+	t.Helper()
+	_, sinkPort, _ := net.SplitHostPort(sink.addr)
+	submissionAddr := freeAddr(t)
+	_, submissionPort, _ := net.SplitHostPort(submissionAddr)
+	dovecot := startDovecotAuth(t, filepath.Join(dir, "dovecot"),
+		map[string]string{postfixUser: postfixPassword},
+		// this Dovecot requires TLS, as a production one would: the
+		// example's listener too, with no override
+		dovecotRequireTLS(t, filepath.Join(dir, "tls"))+
+			readExample(t, "dovecot-submission/dovecot.conf", map[string]string{
+				"port = 10587":                  "port = " + submissionPort,
+				"submission_relay_port = 10025": "submission_relay_port = " + sinkPort,
+				"hostname = mail.example.com":   "hostname = dovecot.localhost",
+			})+
+			// a user's session needs a mail location even in submission;
+			// a real Dovecot has one already
+			"\nmail_location = maildir:"+filepath.Join(dir, "maildir", "%u")+"\n",
+		filepath.Join(dir, "dovecot", "run", "anvil"))
+	if err := waitListening(submissionAddr, mtaStartTimeout, dovecot.exited); err != nil {
+		t.Fatalf("Dovecot's submission listener: %v\n%s", err, dovecot.log.tail())
+	}
+	return dovecot, submissionAddr
 }

@@ -679,7 +679,13 @@ func dialTLSFrom(l listener, cfg *tls.Config, localIP string) (*tls.Conn, error)
 		return nil, err
 	}
 	_ = conn.SetDeadline(time.Now().Add(ioTimeout))
-	if l.mode == startTLS {
+	return tlsOn(conn, l.mode, cfg)
+}
+
+// tlsOn starts TLS on conn as mode asks (after the STARTTLS dialogue, or at
+// once), and closes conn when it fails.
+func tlsOn(conn net.Conn, mode tlsMode, cfg *tls.Config) (*tls.Conn, error) {
+	if mode == startTLS {
 		if err := plaintextSTARTTLS(conn); err != nil {
 			conn.Close()
 			return nil, err
