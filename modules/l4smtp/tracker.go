@@ -114,8 +114,7 @@ type transactionTracker struct {
 	line    [32]byte // the start of the command line being read: enough for "BDAT <size> LAST"
 	lineLen int      // the length of that line so far
 	decided bool     // whether the line in progress is forwarded or answered is known
-	drop    bool     // the line in progress is answered by the edge: its bytes go nowhere
-	answer  []byte   // that answer
+	answer  []byte   // once decided, the edge's answer to the line (its bytes then go nowhere); nil: the backend gets it
 	refusal refusal  // and why
 	skipLF  bool     // a CR ended the last line: an LF right after it belongs to it
 
@@ -265,7 +264,7 @@ func (t *transactionTracker) commandBytes(dst, p []byte) ([]byte, int) {
 	used := i + 1
 	switch {
 	case !t.normalize:
-		if !t.drop {
+		if t.answer == nil {
 			dst = append(dst, '\n')
 		}
 	case p[i] == '\n':
@@ -277,7 +276,7 @@ func (t *transactionTracker) commandBytes(dst, p []byte) ([]byte, int) {
 	default:
 		t.skipLF = true // the next read says whether the CR was bare
 	}
-	if t.normalize && !t.drop {
+	if t.normalize && t.answer == nil {
 		dst = append(dst, '\r', '\n')
 	}
 	t.command()
@@ -306,14 +305,14 @@ func (t *transactionTracker) lineBytes(dst, p []byte) []byte {
 	held := t.lineLen
 	t.appendLine(p)
 	if t.decided {
-		if !t.drop {
+		if t.answer == nil {
 			dst = append(dst, p...)
 		}
 		return dst
 	}
-	if t.sasl || bytes.IndexByte(t.line[:min(t.lineLen, len(t.line))], ' ') >= 0 || t.lineLen >= len(t.line) {
+	if t.sasl || bytes.IndexByte(t.lineStart(), ' ') >= 0 || t.lineLen >= len(t.line) {
 		dst = t.decide(dst)
-		if !t.drop && t.lineLen > len(t.line) {
+		if t.answer == nil && t.lineLen > len(t.line) {
 			// what did not fit in line comes from p
 			dst = append(dst, p[max(0, len(t.line)-held):]...)
 		}
@@ -326,14 +325,16 @@ func (t *transactionTracker) lineBytes(dst, p []byte) []byte {
 func (t *transactionTracker) decide(dst []byte) []byte {
 	t.decided = true
 	if !t.sasl {
-		t.answer, t.refusal = t.edgeAnswer(t.line[:min(t.lineLen, len(t.line))])
+		t.answer, t.refusal = t.edgeAnswer(t.lineStart())
 	}
-	t.drop = t.answer != nil
-	if !t.drop {
-		dst = append(dst, t.line[:min(t.lineLen, len(t.line))]...)
+	if t.answer == nil {
+		dst = append(dst, t.lineStart()...)
 	}
 	return dst
 }
+
+// lineStart is what line holds of the command line being read.
+func (t *transactionTracker) lineStart() []byte { return t.line[:min(t.lineLen, len(t.line))] }
 
 // edgeAnswer is the edge's own answer to a command line that starts with
 // line, and why, or nil when the backend answers it.
@@ -392,7 +393,7 @@ func (t *transactionTracker) wholeLine() (line []byte, whole bool) {
 func (t *transactionTracker) command() {
 	line, whole := t.wholeLine()
 	answer, reason := t.answer, t.refusal
-	t.lineLen, t.decided, t.drop, t.answer = 0, false, false, nil
+	t.lineLen, t.decided, t.answer = 0, false, nil
 	defer clear(t.authLine) // it may hold a password
 	t.authLine = t.authLine[:0]
 	line = bytes.TrimRight(line, "\r")
