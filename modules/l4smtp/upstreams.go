@@ -1,6 +1,7 @@
 package l4smtp
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -264,10 +265,11 @@ func readGreeting(conn net.Conn, deadline time.Time) ([]byte, string, error) {
 		n, err := conn.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
 		for {
-			nl := indexByteFrom(buf, '\n', lineStart)
+			nl := bytes.IndexByte(buf[lineStart:], '\n')
 			if nl < 0 {
 				break
 			}
+			nl += lineStart
 			line := buf[lineStart : nl+1]
 			lineStart = nl + 1
 			if len(line) < 4 || line[3] != '-' {
@@ -286,15 +288,6 @@ func readGreeting(conn net.Conn, deadline time.Time) ([]byte, string, error) {
 		}
 	}
 	return buf, "2xx", nil
-}
-
-func indexByteFrom(b []byte, c byte, from int) int {
-	for i := from; i < len(b); i++ {
-		if b[i] == c {
-			return i
-		}
-	}
-	return -1
 }
 
 func isDigits(s string) bool {
