@@ -266,8 +266,7 @@ func (c *relayConn) sendAnswers() {
 	c.out = c.tracker.takeAnswers(c.out[:0])
 	c.tmu.Unlock()
 	if len(c.out) > 0 {
-		c.bytesWritten += int64(len(c.out))
-		_, _ = c.Conn.Write(c.out)
+		_ = c.writeOut()
 		c.touch()
 	}
 }
@@ -302,8 +301,7 @@ func (c *relayConn) Write(p []byte) (int, error) {
 		// the replies no longer pair with the commands: the edge cannot
 		// tell what the backend reads any more (unless the backend is
 		// saying goodbye)
-		c.bytesWritten += int64(len(c.out))
-		_, _ = c.Conn.Write(c.out)
+		_ = c.writeOut()
 		if c.end(outcomeBackendLost, "replies out of order", c.h.replies.backendGone, false) {
 			c.sess.log().Warn("mail server replied out of order; ending the session",
 				zap.String("last_reply", c.filter.lastReply()))
@@ -315,8 +313,7 @@ func (c *relayConn) Write(p []byte) (int, error) {
 		defer c.greetingSeen() // after the greeting's answer is written
 	}
 	if len(c.out) > 0 {
-		c.bytesWritten += int64(len(c.out))
-		if _, err := c.Conn.Write(c.out); err != nil {
+		if err := c.writeOut(); err != nil {
 			if c.closed.Load() {
 				return len(p), nil
 			}
@@ -331,6 +328,13 @@ func (c *relayConn) Write(p []byte) (int, error) {
 		c.endIfIdle() // the reply that ended a transaction is out
 	}
 	return len(p), nil
+}
+
+// writeOut writes c.out to the client and counts it. The caller holds wmu.
+func (c *relayConn) writeOut() error {
+	c.bytesWritten += int64(len(c.out))
+	_, err := c.Conn.Write(c.out)
+	return err
 }
 
 // drain ends the session for shutdown as soon as it is between
