@@ -100,33 +100,19 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			continue
 
 		case "require_auth":
-			if !d.NextArg() {
-				return d.ArgErr()
+			v, err := oneOf(d, option, "on", "off")
+			if err != nil {
+				return err
 			}
-			switch d.Val() {
-			case "on", "off":
-				on := d.Val() == "on"
-				h.RequireAuth = &on
-			default:
-				return d.Errf("smtp option 'require_auth' takes on or off, got '%s'", d.Val())
-			}
-			if d.NextArg() {
-				return d.ArgErr()
-			}
+			on := v == "on"
+			h.RequireAuth = &on
 
 		case "bare_line_ends":
-			if !d.NextArg() {
-				return d.ArgErr()
+			v, err := oneOf(d, option, "normalize", "pass")
+			if err != nil {
+				return err
 			}
-			switch d.Val() {
-			case "normalize", "pass":
-				h.BareLineEnds = d.Val()
-			default:
-				return d.Errf("smtp option 'bare_line_ends' takes normalize or pass, got '%s'", d.Val())
-			}
-			if d.NextArg() {
-				return d.ArgErr()
-			}
+			h.BareLineEnds = v
 
 		case "greeting":
 			if !d.NextArg() {
@@ -169,18 +155,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		case "early_talker":
-			if !d.NextArg() {
-				return d.ArgErr()
+			v, err := oneOf(d, option, "reject", "off")
+			if err != nil {
+				return err
 			}
-			switch d.Val() {
-			case "reject", "off":
-				h.EarlyTalker = d.Val()
-			default:
-				return d.Errf("smtp option 'early_talker' takes reject or off, got '%s'", d.Val())
-			}
-			if d.NextArg() {
-				return d.ArgErr()
-			}
+			h.EarlyTalker = v
 
 		case "detect_tls":
 			if !d.NextArg() {
@@ -254,18 +233,11 @@ func (o *BackendOptions) unmarshalOption(d *caddyfile.Dispenser, option string) 
 		return nil
 
 	case "proxy_protocol":
-		if !d.NextArg() {
-			return d.ArgErr()
+		v, err := oneOf(d, option, "v1", "v2")
+		if err != nil {
+			return err
 		}
-		switch d.Val() {
-		case "v1", "v2":
-			o.ProxyProtocol = d.Val()
-		default:
-			return d.Errf("smtp option 'proxy_protocol' takes v1 or v2, got '%s'", d.Val())
-		}
-		if d.NextArg() {
-			return d.ArgErr()
-		}
+		o.ProxyProtocol = v
 
 	case "xclient":
 		if d.NextArg() {
@@ -430,6 +402,21 @@ func (o *BackendOptions) activeChecks() *ActiveHealthChecks {
 		hc.Active = new(ActiveHealthChecks)
 	}
 	return hc.Active
+}
+
+// oneOf reads the one argument of an option that takes one of choices.
+func oneOf(d *caddyfile.Dispenser, option string, choices ...string) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	v := d.Val()
+	if !slices.Contains(choices, v) {
+		return "", d.Errf("smtp option '%s' takes %s, got '%s'", option, strings.Join(choices, " or "), v)
+	}
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
 }
 
 // positiveInt reads the one argument of an option that takes a whole number
