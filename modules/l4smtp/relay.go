@@ -284,8 +284,10 @@ func (c *relayConn) Write(p []byte) (int, error) {
 	c.tmu.Lock()
 	c.out = c.filter.process(c.out[:0], p)
 	lost := c.tracker.lost
-	failed, succeeded, user := c.tracker.authFailed, c.tracker.authSucceeded, c.tracker.failedUser
-	c.tracker.authFailed, c.tracker.authSucceeded, c.tracker.failedUser = 0, 0, ""
+	// the user of the exchange that failed: no AUTH starts before the
+	// reading has seen its reply, which wakes it below
+	failed, succeeded, user := c.tracker.authFailed, c.tracker.authSucceeded, c.tracker.authUser
+	c.tracker.authFailed, c.tracker.authSucceeded = 0, 0
 	c.replied.Broadcast() // a reply the reading may wait for
 	c.tmu.Unlock()
 	if succeeded > 0 {

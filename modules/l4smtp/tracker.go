@@ -133,11 +133,10 @@ type transactionTracker struct {
 	saslMech saslMechanism
 	saslStep int    // the SASL lines of the exchange so far
 	authLine []byte // an AUTH command or SASL line longer than line, kept up to maxAuthLine
-	authUser string // the user name the exchange gave, once known
+	authUser string // the user name the exchange gave, once known; kept after its end, until the next AUTH
 	// the AUTH exchanges that ended since the relay last looked: failed
 	// (535) and succeeded (235), for the password guard
 	authFailed, authSucceeded int
-	failedUser                string // the user name of the last failed exchange
 
 	ehloPending string // the name of an EHLO or HELO awaiting its reply
 
@@ -806,7 +805,6 @@ func (t *transactionTracker) reply(code [3]byte) {
 			t.facts.authFailures++
 			if code == [3]byte{'5', '3', '5'} {
 				t.authFailed++
-				t.failedUser = t.authUser
 			}
 		}
 	case kindEdgeEHLO, kindEdgeXCLIENT:
